@@ -1,0 +1,1 @@
+"""Dataset tools: synthetic data, shard building (more come with later issues)."""

@@ -1,0 +1,156 @@
+"""Turn images with captions into square WebDataset shards plus a dataset manifest.
+
+Input is a folder of images with `.txt` sidecar captions (`cat.jpg` + `cat.txt`), or a CSV/JSONL file
+with `path` and `caption` columns (paths relative to the file). Output: `shard-000000.tar`, ... each
+holding `<key>.jpg`, `<key>.txt` and `<key>.json` (caption and source path), and `manifest.json`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+
+from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
+from sdtune.data.manifest import DatasetManifest, ShardEntry
+from sdtune.fileio import sha256_file
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def _from_folder(folder: Path) -> Iterator[tuple[Path, str | None]]:
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        caption_path = path.with_suffix(".txt")
+        yield path, caption_path.read_text(encoding="utf-8", errors="replace") if caption_path.exists() else None
+
+
+def _from_table(table: Path) -> Iterator[tuple[Path, str | None]]:
+    if table.suffix.lower() == ".csv":
+        with table.open(newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = [json.loads(line) for line in table.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for number, row in enumerate(rows, start=1):
+        if "path" not in row:
+            raise ValueError(f"{table}: row {number} has no 'path' column (columns: {sorted(row)})")
+        yield table.parent / row["path"], row.get("caption")
+
+
+def list_inputs(source: Path) -> list[tuple[Path, str | None]]:
+    if source.is_dir():
+        return list(_from_folder(source))
+    if source.is_file() and source.suffix.lower() in (".csv", ".jsonl"):
+        return list(_from_table(source))
+    raise ValueError(f"make_shards --source: {source} is neither a folder of images nor a .csv/.jsonl file")
+
+
+def _prepare(job: tuple[Path, str | None, int, int]) -> tuple[bytes, str] | str:
+    """Resize/crop one image to JPEG bytes, or return the reason it was skipped."""
+    path, caption, resolution, min_side = job
+    if caption is None or not caption.strip():
+        return "missing_caption" if caption is None else "empty_caption"
+    try:
+        raw = {path.suffix.lower().lstrip("."): path.read_bytes()}
+    except OSError:
+        return "unreadable_file"
+    try:
+        image = decode_image(raw, ImageLimits(min_side=min_side, max_pixels=64_000_000))
+    except BadSample as bad:
+        return bad.reason
+    pixels = resize_crop_flip(image, resolution, np.random.default_rng(0), random_crop=False, flip_prob=0.0)
+    array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
+    buffer = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue(), caption.strip()
+
+
+def make_shards(
+    source: Path,
+    out: Path,
+    resolution: int = 512,
+    samples_per_shard: int = 1000,
+    min_image_side: int | None = None,
+    num_workers: int = 1,
+) -> DatasetManifest:
+    """Write shards of `samples_per_shard` samples and a manifest; report what was skipped and why.
+
+    Args:
+        source: Folder of images with .txt captions, or a .csv/.jsonl with path and caption columns.
+        out: Output folder for the shards and manifest.json.
+        resolution: Side of the square images written (shorter side resized, then center crop).
+        samples_per_shard: Samples per tar file.
+        min_image_side: Skip images whose shorter side is smaller (default: resolution // 2).
+        num_workers: Processes that decode and resize images.
+    """
+    if samples_per_shard < 1 or resolution < 8:
+        raise ValueError("make_shards: samples_per_shard must be >= 1 and resolution >= 8")
+    inputs = list_inputs(source)
+    out.mkdir(parents=True, exist_ok=True)
+    min_side = resolution // 2 if min_image_side is None else min_image_side
+    jobs = [(path, caption, resolution, min_side) for path, caption in inputs]
+    skipped: Counter[str] = Counter()
+    shards: list[ShardEntry] = []
+    writer: wds.TarWriter | None = None
+    num_in_shard, num_written = 0, 0
+
+    def close_shard() -> None:
+        assert writer is not None
+        writer.close()
+        tmp = out / f".{len(shards):06d}.tar.tmp"
+        final = out / f"shard-{len(shards):06d}.tar"
+        tmp.replace(final)
+        shards.append(ShardEntry(final.name, num_in_shard, sha256_file(final), final.stat().st_size))
+
+    with Pool(num_workers) if num_workers > 1 else _Serial() as pool:
+        for (path, _, _, _), result in zip(jobs, pool.imap(_prepare, jobs, chunksize=8), strict=True):
+            if isinstance(result, str):
+                skipped[result] += 1
+                log.info("skipped %s: %s", path, result)
+                continue
+            if writer is None:
+                writer = wds.TarWriter(str(out / f".{len(shards):06d}.tar.tmp"))
+                num_in_shard = 0
+            jpeg, caption = result
+            key = f"{num_written:09d}"
+            source_name = str(path.relative_to(source)) if source.is_dir() else str(path)
+            writer.write({"__key__": key, "jpg": jpeg, "txt": caption,
+                          "json": {"caption": caption, "source": source_name}})
+            num_in_shard += 1
+            num_written += 1
+            if num_in_shard == samples_per_shard:
+                close_shard()
+                writer = None
+    if writer is not None:
+        close_shard()
+    if not shards:
+        raise ValueError(f"make_shards: no usable image in {source} (skipped: {dict(skipped)})")
+    manifest = DatasetManifest(shards=shards, resolution=resolution, skipped=dict(skipped))
+    manifest.write(out)
+    print(f"wrote {num_written} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())}: "
+          f"{dict(sorted(skipped.items()))}")
+    return manifest
+
+
+class _Serial:
+    """Pool stand-in for num_workers=1 (no processes)."""
+
+    def __enter__(self) -> _Serial:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    @staticmethod
+    def imap(fn, items, chunksize: int = 1):  # noqa: ANN001, ANN205
+        return map(fn, items)

@@ -1,0 +1,1 @@
+"""Training side effects: EMA, sample grids, data statistics."""

@@ -1,0 +1,30 @@
+"""Log how many samples the data pipeline skipped, per reason."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+log = logging.getLogger(__name__)
+
+
+class DataStats(Callback):
+    """Logs `data/skipped_<reason>` each `log_every_n_steps` and a summary at the end of each epoch."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        counts = self._counts(trainer)
+        if counts is not None and trainer.global_step % trainer.log_every_n_steps == 0:
+            pl_module.log_dict({f"data/skipped_{k}": float(v) for k, v in counts.items()}, on_step=True, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        counts = self._counts(trainer)
+        if counts is not None and trainer.is_global_zero:
+            skipped = {k: v for k, v in counts.items() if v}
+            log.info("epoch %d: skipped samples on rank 0: %s", trainer.current_epoch, skipped or "none")
+
+    @staticmethod
+    def _counts(trainer: L.Trainer) -> dict[str, int] | None:
+        datamodule = trainer.datamodule
+        return datamodule.bad_sample_counts() if hasattr(datamodule, "bad_sample_counts") else None

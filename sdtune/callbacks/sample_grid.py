@@ -1,0 +1,123 @@
+"""Render fixed prompts x fixed seeds during training and save them as one grid PNG."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+from PIL import Image
+
+from sdtune.callbacks.ema import find_ema
+from sdtune.checkpoint.layout import checkpoint_tag
+
+log = logging.getLogger(__name__)
+
+
+def make_grid(images: np.ndarray, num_rows: int) -> Image.Image:
+    """(N, H, W, 3) floats in [0, 1], row-major -> one image with `num_rows` rows."""
+    num_images, height, width, _ = images.shape
+    num_cols = num_images // num_rows
+    grid = Image.new("RGB", (num_cols * width, num_rows * height), (255, 255, 255))
+    for index, array in enumerate(images):
+        tile = Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8))
+        grid.paste(tile, ((index % num_cols) * width, (index // num_cols) * height))
+    return grid
+
+
+def samples_dir(trainer: L.Trainer) -> Path:
+    return Path(trainer.default_root_dir) / "samples"
+
+
+class SampleGrid(Callback):
+    """Each row a prompt, each column a seed; rendered with the EMA weights when an EMA callback is present."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        seeds: list[int] = [0, 1, 2, 3],  # noqa: B006 (jsonargparse needs a literal default)
+        every_n_epochs: int = 1,
+        every_n_train_steps: int = 0,
+        num_inference_steps: int = 30,
+        guidance_scale: float = 7.5,
+        resolution: int | None = None,
+    ) -> None:
+        """
+        Args:
+            prompts: Prompts, one grid row each.
+            seeds: Seeds, one grid column each.
+            every_n_epochs: Render at the end of every N epochs (0: never).
+            every_n_train_steps: Also render every N optimizer steps (0: never).
+            num_inference_steps: DDIM steps per image.
+            guidance_scale: Classifier-free guidance scale.
+            resolution: Image side in pixels (default: the data resolution).
+        """
+        if not prompts or not seeds:
+            raise ValueError("SampleGrid: give at least one prompt and one seed")
+        self.prompts = list(prompts)
+        self.seeds = list(seeds)
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self.resolution = resolution
+
+    @torch.no_grad()
+    def render(self, pl_module: L.LightningModule, resolution: int) -> Image.Image:
+        pipeline = StableDiffusionPipeline(
+            vae=pl_module.vae, text_encoder=pl_module.text_encoder, tokenizer=pl_module.tokenizer,
+            unet=pl_module.unet, scheduler=DDIMScheduler.from_config(pl_module.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        prompts = [p for p in self.prompts for _ in self.seeds]
+        generators = [torch.Generator(device=pl_module.device).manual_seed(s) for _ in self.prompts for s in self.seeds]
+        was_training = pl_module.unet.training
+        pl_module.unet.eval()
+        # Sampling must not disturb the training RNG streams (exact resume depends on them).
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            images = pipeline(
+                prompts, height=resolution, width=resolution, num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale, generator=generators, output_type="np",
+            ).images  # (N, H, W, 3) in [0, 1]
+        pl_module.unet.train(was_training)
+        return make_grid(np.asarray(images, dtype=np.float32), num_rows=len(self.prompts))
+
+    def _resolution(self, trainer: L.Trainer) -> int:
+        if self.resolution is not None:
+            return self.resolution
+        datamodule = trainer.datamodule
+        return datamodule.transform.resolution if datamodule is not None else 512
+
+    def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
+        path = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
+        ema = find_ema(trainer)
+        resolution = self._resolution(trainer)
+        if ema is not None:
+            with ema.swapped_in(pl_module):
+                grid = self.render(pl_module, resolution)
+        else:
+            grid = self.render(pl_module, resolution)
+        if trainer.is_global_zero:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image("samples", [grid], step=trainer.global_step, caption=[path.stem])
+            log.info("sample grid: %s", path)
+        return path
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+        n = self.every_n_train_steps
+        if n and trainer.global_step % n == 0:
+            self.save_grid(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        n = self.every_n_epochs
+        if n and (trainer.current_epoch + 1) % n == 0:
+            self.save_grid(trainer, pl_module)

@@ -1,0 +1,1 @@
+"""Checkpoint layout, manifest, writing and finding the newest complete checkpoint."""

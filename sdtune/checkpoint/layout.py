@@ -1,0 +1,106 @@
+"""Checkpoint folders: names, the manifest written last, verification, and finding the newest complete one.
+
+    <run>/checkpoints/epoch=0003-step=000120/
+        unet/ (or lora/)            diffusers-layout safetensors weights
+        unet_ema/ (or lora_ema/)    the EMA weights, when EMA is on
+        training_state.ckpt         optimizer, scheduler, loops, callbacks, RNG and data position
+        samples.png                 the sample grid of this step, when one was rendered
+        manifest.json               written last: files, sizes, sha256, epoch, step, config hash, base model
+
+A folder without a valid manifest does not exist for resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from sdtune.fileio import sha256_file, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+TRAINING_STATE = "training_state.ckpt"
+FORMAT = "sdtune-checkpoint/1"
+_TAG = re.compile(r"^epoch=(\d+)-step=(\d+)$")
+
+
+def checkpoint_tag(trainer: L.Trainer) -> str:
+    return f"epoch={trainer.current_epoch:04d}-step={trainer.global_step:06d}"
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    path: Path
+    epoch: int
+    step: int
+
+    @property
+    def training_state(self) -> Path:
+        return self.path / TRAINING_STATE
+
+
+def write_manifest(folder: Path, meta: dict[str, Any]) -> Path:
+    """Hash every file in `folder` and write manifest.json (atomically) as the last file."""
+    files = {
+        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+    manifest = {"format": FORMAT, "created_unix": time.time(), **meta, "files": files}
+    return write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def verify_checkpoint(folder: Path, check_hashes: bool = True) -> str | None:
+    """None when the folder is a complete checkpoint, else the reason it is not."""
+    if not (folder / MANIFEST).is_file():
+        return "no manifest.json (incomplete write)"
+    try:
+        manifest = read_manifest(folder)
+    except (OSError, ValueError) as err:
+        return f"unreadable manifest.json ({err})"
+    if manifest.get("format") != FORMAT:
+        return f"manifest format {manifest.get('format')!r} is not {FORMAT}"
+    if TRAINING_STATE not in manifest.get("files", {}):
+        return f"manifest lists no {TRAINING_STATE}"
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, manifest says {entry['bytes']}"
+        if check_hashes and sha256_file(path) != entry["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def list_checkpoints(checkpoint_dir: Path) -> list[CheckpointRef]:
+    """Checkpoint folders (complete or not), newest first; temp folders (dot-prefixed) are ignored."""
+    refs = []
+    if checkpoint_dir.is_dir():
+        for path in checkpoint_dir.iterdir():
+            match = _TAG.match(path.name)
+            if match and path.is_dir():
+                refs.append(CheckpointRef(path, int(match[1]), int(match[2])))
+    return sorted(refs, key=lambda r: (r.step, r.epoch), reverse=True)
+
+
+def find_latest_checkpoint(checkpoint_dir: Path) -> CheckpointRef | None:
+    """The newest checkpoint that verifies; broken ones are skipped with a warning."""
+    for ref in list_checkpoints(checkpoint_dir):
+        problem = verify_checkpoint(ref.path)
+        if problem is None:
+            return ref
+        log.warning("skipping checkpoint %s: %s", ref.path, problem)
+    return None

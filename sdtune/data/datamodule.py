@@ -1,0 +1,199 @@
+"""DataModule over captioned WebDataset shards, with an exact data position for resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sdtune.data import storage
+from sdtune.data.decode import ImageLimits
+from sdtune.data.manifest import read_manifest
+from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
+from sdtune.data.tar_stream import iter_tar_samples
+
+log = logging.getLogger(__name__)
+_META_KEYS = ("data_worker", "data_position", "data_bad")
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset the epoch (and resume point) each time it is iterated."""
+
+    def __init__(self, dataset: ShardStream, start_epoch: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(dataset, **kwargs)
+        self._start_epoch = start_epoch
+
+    def __iter__(self) -> Iterator[Any]:
+        self._start_epoch()
+        return super().__iter__()
+
+
+def _dataset_url(shards: str) -> str:
+    """The folder/prefix holding the shards (and the manifest) of a shard spec."""
+    first = shards.split("{", 1)[0]
+    if first.endswith(".tar") or "*" in first or not first.endswith("/") and not storage.exists(first):
+        return first.rsplit("/", 1)[0] if "/" in first else "."
+    return first
+
+
+def _count_samples(url: str) -> int:
+    errors: dict[str, int] = {}
+    with storage.open_read(url) as stream:
+        return sum(1 for _ in iter_tar_samples(stream, url, frozenset(), errors))
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Captioned image shards (jpg/png/webp + txt/json) for Stable Diffusion fine-tuning."""
+
+    def __init__(
+        self,
+        shards: str,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        resolution: int = 512,
+        random_crop: bool = False,
+        flip_prob: float = 0.5,
+        caption_dropout: float = 0.0,
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        min_image_side: int | None = None,
+        max_image_pixels: int = 64_000_000,
+    ) -> None:
+        """
+        Args:
+            shards: Shard folder, glob or brace pattern, e.g. `data/ds` or `data/ds/shard-{000000..000009}.tar`.
+            batch_size: Samples per batch on each device.
+            num_workers: DataLoader worker processes per device (0 reads in the training process).
+            resolution: Square training resolution in pixels; images are resized (shorter side) and cropped.
+            random_crop: Random instead of center crop.
+            flip_prob: Probability of a horizontal flip.
+            caption_dropout: Probability of replacing a caption by the empty string (for CFG).
+            shuffle_buffer: Samples held in each reader's shuffle buffer.
+            seed: Seed of shard order, shuffle buffer and augmentations.
+            min_image_side: Skip images whose shorter side is smaller (default: resolution // 2).
+            max_image_pixels: Skip images with more pixels than this (decompression-bomb guard).
+        """
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("resolution", resolution), ("shuffle_buffer", shuffle_buffer)):
+            if value < 1:
+                raise ValueError(f"data.{name}: must be >= 1, got {value}")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers: must be >= 0, got {num_workers}")
+        for name, value in (("flip_prob", flip_prob), ("caption_dropout", caption_dropout)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"data.{name}: must be in [0, 1], got {value}")
+        self.shards = shards
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.transform = SampleTransform(
+            resolution=resolution,
+            limits=ImageLimits(min_side=resolution // 2 if min_image_side is None else min_image_side,
+                               max_pixels=max_image_pixels),
+            random_crop=random_crop,
+            flip_prob=flip_prob,
+            caption_dropout=caption_dropout,
+        )
+        self.train_stream: ShardStream | None = None
+        self._resume: EpochResume | None = None
+        self._progress = EpochResume(epoch=0, batches_done=0)
+
+    def _shard_counts(self, urls: list[str]) -> list[int]:
+        dataset_url = _dataset_url(self.shards)
+        manifest = read_manifest(dataset_url)
+        counts = manifest.counts_by_name() if manifest else {}
+        missing = [u for u in urls if os.path.basename(u) not in counts]
+        if missing:
+            log.warning("no manifest entry for %d shard(s) under %s; counting samples by reading them",
+                        len(missing), dataset_url)
+        return [counts.get(os.path.basename(u)) or _count_samples(u) for u in urls]
+
+    def setup(self, stage: str) -> None:
+        if self.train_stream is not None:
+            return
+        urls = storage.expand_urls(self.shards)
+        if not urls:
+            raise ValueError(f"data.shards: no .tar shards match {self.shards!r}; check the path or pattern")
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        self.train_stream = ShardStream(
+            urls, self._shard_counts(urls), self.batch_size, self.num_workers, rank, world_size,
+            self.transform, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+        )
+        log.info("data: %d shards, %d batches per epoch per device", len(urls), len(self.train_stream) // self.batch_size)
+
+    def _start_epoch(self) -> None:
+        assert self.train_stream is not None
+        epoch = self.trainer.current_epoch if self.trainer else self._progress.epoch + 1
+        resume = self._resume if self._resume is not None and self._resume.epoch == epoch else None
+        self._resume = None
+        self.train_stream.epoch = epoch
+        self.train_stream.resume = resume
+        self._progress = resume or EpochResume(epoch=epoch, batches_done=0)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_stream is not None, "setup() first"
+        return _EpochLoader(
+            self.train_stream,
+            self._start_epoch,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers must re-read the epoch and resume point each epoch
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=4 if self.num_workers > 0 else None,
+        )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record where the batch's reader stood; runs on each batch just before its training step."""
+        if isinstance(batch, dict) and "data_worker" in batch:
+            worker = int(batch["data_worker"][-1])
+            self._progress.positions[worker] = int(batch["data_position"][-1])
+            self._progress.bad_counts[worker] = batch["data_bad"][-1].tolist()
+            self._progress.batches_done += 1
+            batch = {k: v for k, v in batch.items() if k not in _META_KEYS}
+        return batch
+
+    def bad_sample_counts(self) -> dict[str, int]:
+        """Samples skipped so far this epoch on this device, per reason."""
+        totals = [sum(c) for c in zip(*self._progress.bad_counts.values(), strict=True)] or [0] * len(ALL_REASONS)
+        return dict(zip(ALL_REASONS, totals, strict=True))
+
+    def _layout(self) -> dict[str, int]:
+        trainer = self.trainer
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "world_size": trainer.world_size if trainer else 1,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        p = self._progress
+        return {
+            "layout": self._layout(),
+            "epoch": p.epoch,
+            "batches_done": p.batches_done,
+            "positions": dict(p.positions),
+            "bad_counts": {k: list(v) for k, v in p.bad_counts.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved, current = state["layout"], self._layout()
+        changed = [f"{k}: {saved[k]} -> {current[k]}" for k in saved if saved[k] != current.get(k)]
+        if changed:
+            raise ValueError(
+                "data: cannot resume exactly with a different data layout (" + ", ".join(changed) + "); "
+                "use the settings of the run you resume"
+            )
+        self._resume = EpochResume(
+            epoch=state["epoch"],
+            batches_done=state["batches_done"],
+            positions={int(k): v for k, v in state["positions"].items()},
+            bad_counts={int(k): list(v) for k, v in state["bad_counts"].items()},
+        )

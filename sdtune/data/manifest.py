@@ -1,0 +1,60 @@
+"""The dataset manifest written next to a shard folder: shard names, sample counts, sha256."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sdtune.data import storage
+from sdtune.fileio import write_text_atomic
+
+MANIFEST_NAME = "manifest.json"
+FORMAT = "sdtune-shards/1"
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    num_samples: int
+    sha256: str
+    num_bytes: int
+
+
+@dataclass
+class DatasetManifest:
+    shards: list[ShardEntry]
+    resolution: int | None = None
+    skipped: dict[str, int] = field(default_factory=dict)
+    format: str = FORMAT
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.num_samples for s in self.shards)
+
+    def counts_by_name(self) -> dict[str, int]:
+        return {s.name: s.num_samples for s in self.shards}
+
+    def write(self, folder: Path) -> Path:
+        data = asdict(self) | {"num_samples": self.num_samples}
+        return write_text_atomic(folder / MANIFEST_NAME, json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def from_json(cls, text: str, source: str) -> DatasetManifest:
+        data = json.loads(text)
+        if data.get("format") != FORMAT:
+            raise ValueError(f"{source}: not an sdtune shard manifest (format {data.get('format')!r})")
+        return cls(
+            shards=[ShardEntry(**s) for s in data["shards"]],
+            resolution=data.get("resolution"),
+            skipped=data.get("skipped", {}),
+        )
+
+
+def read_manifest(dataset_url: str) -> DatasetManifest | None:
+    """The manifest in a dataset folder/prefix, or None if it has none."""
+    url = storage.join(dataset_url, MANIFEST_NAME)
+    if not storage.exists(url):
+        return None
+    with storage.open_read(url) as f:
+        return DatasetManifest.from_json(f.read().decode("utf-8"), url)

@@ -1,0 +1,5 @@
+"""Model components and LightningModules."""
+
+from sdtune.models.sd_finetune import SDFineTune
+
+__all__ = ["SDFineTune"]

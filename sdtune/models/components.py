@@ -1,0 +1,76 @@
+"""Load the Stable Diffusion components a fine-tune needs, from a Hub id, a local folder or the tiny preset."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from sdtune.models import tiny
+
+TINY_PRESET = "tiny"
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+@dataclass
+class SDComponents:
+    """The parts of a Stable Diffusion 1.x/2.x pipeline that training touches."""
+
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    noise_scheduler: DDPMScheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixel-to-latent downsampling, read from the VAE config (8 for SD, 2 for the tiny preset)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write a diffusers-layout folder (safetensors) that `load_components` and plain diffusers read."""
+        folder = Path(folder)
+        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+        self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(folder / "tokenizer")
+        self.noise_scheduler.save_pretrained(folder / "scheduler")
+
+
+def _check_source(pretrained: str) -> None:
+    if pretrained == TINY_PRESET or Path(pretrained).is_dir():
+        return
+    if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
+        raise ValueError(
+            f"model.pretrained: {pretrained!r} is neither a local diffusers folder nor a Hub id "
+            f"like 'stable-diffusion-v1-5/stable-diffusion-v1-5'; use '{TINY_PRESET}' for the offline preset"
+        )
+
+
+def load_components(pretrained: str, revision: str | None = None) -> SDComponents:
+    """Load UNet, VAE, text encoder, tokenizer and training scheduler (safetensors weights only).
+
+    `pretrained` is a Hub id, a local diffusers folder, or "tiny" for seeded random-init components.
+    """
+    _check_source(pretrained)
+    if pretrained == TINY_PRESET:
+        tokenizer = tiny.tiny_tokenizer()
+        return SDComponents(
+            unet=tiny.tiny_unet(),
+            vae=tiny.tiny_vae(),
+            text_encoder=tiny.tiny_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            noise_scheduler=tiny.tiny_scheduler(),
+        )
+    common = {"revision": revision}
+    weights = {"revision": revision, "use_safetensors": True}
+    return SDComponents(
+        unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
+        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
+        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
+        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
+        noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
+    )

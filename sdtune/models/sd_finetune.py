@@ -1,0 +1,196 @@
+"""SDFineTune: fine-tune a Stable Diffusion UNet (full or LoRA) on captioned images."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+
+from sdtune.models.components import load_components
+from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
+from sdtune.models.lora import add_lora, save_lora
+
+log = logging.getLogger(__name__)
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+class SDFineTune(L.LightningModule):
+    """Stable Diffusion fine-tune: VAE and text encoder frozen, UNet trained fully or through LoRA."""
+
+    def __init__(
+        self,
+        pretrained: str = "tiny",
+        revision: str | None = None,
+        train_mode: Literal["full", "lora"] = "full",
+        lora_rank: int = 16,
+        lora_alpha: float | None = None,
+        lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
+        prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto",
+        min_snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        optimizer: Literal["adamw", "adamw8bit"] = "adamw",
+        learning_rate: float = 1e-5,
+        weight_decay: float = 1e-2,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        lr_scheduler: str = "constant_with_warmup",
+        lr_warmup_steps: int = 0,
+        gradient_checkpointing: bool = False,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            pretrained: Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), local diffusers folder, or "tiny".
+            revision: Hub revision (branch, tag or commit) of `pretrained`.
+            train_mode: "full" trains every UNet weight; "lora" trains a LoRA adapter on the attention layers.
+            lora_rank: LoRA rank.
+            lora_alpha: LoRA alpha (default: equal to the rank, i.e. scale 1).
+            lora_targets: UNet module names that get LoRA layers.
+            prediction_type: UNet target; "auto" takes it from the model's scheduler config.
+            min_snr_gamma: Min-SNR loss weighting gamma (5.0 is the paper's value); None disables it.
+            noise_offset: Offset-noise strength (0.05-0.1 helps very dark/bright images); 0 disables it.
+            optimizer: "adamw", or "adamw8bit" (bitsandbytes, CUDA only; falls back to adamw on CPU with a warning).
+            learning_rate: Peak learning rate.
+            weight_decay: AdamW weight decay.
+            adam_betas: AdamW betas.
+            adam_eps: AdamW epsilon.
+            lr_scheduler: diffusers schedule name: constant, constant_with_warmup, linear, cosine, ...
+            lr_warmup_steps: Linear warmup steps.
+            gradient_checkpointing: Recompute UNet activations in backward to save memory.
+            seed: Seed of the noise and timesteps of every step (a function of seed, step and rank).
+        """
+        super().__init__()
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"model.min_snr_gamma: must be > 0 or null, got {min_snr_gamma}")
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate: must be > 0, got {learning_rate}")
+        self.save_hyperparameters()
+        parts = load_components(pretrained, revision)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.noise_scheduler = parts.tokenizer, parts.noise_scheduler
+        self.vae_scale_factor = parts.vae_scale_factor
+        self.prediction_type = (
+            self.noise_scheduler.config.prediction_type if prediction_type == "auto" else prediction_type
+        )
+        self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        self.vae.requires_grad_(False).eval()
+        self.text_encoder.requires_grad_(False).eval()
+        if train_mode == "lora":
+            torch.manual_seed(seed)  # LoRA init is random: keep it reproducible
+            add_lora(self.unet, lora_rank, lora_alpha or lora_rank, list(lora_targets))
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        # The checkpoint keeps only trainable weights (frozen ones come from `pretrained`); see on_save_checkpoint.
+        self.strict_loading = False
+
+    # ---- parameters -------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def on_fit_start(self) -> None:
+        # Frozen parts run in the autocast dtype on GPU (as diffusers' scripts do); fp32 on CPU.
+        if "bf16" in str(self.trainer.precision) and self.device.type == "cuda":
+            self.vae.to(torch.bfloat16)
+            self.text_encoder.to(torch.bfloat16)
+
+    # ---- the training step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f)."""
+        posterior = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return posterior.sample(generator=generator).float() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Captions -> CLIP hidden states (B, 77, D)."""
+        tokens = self.tokenizer(
+            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+            truncation=True, return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(tokens)[0]
+
+    def step_generator(self) -> torch.Generator:
+        """A generator seeded from (seed, step, rank): a resumed run draws the same noise at the same step."""
+        seed = _step_seed(self.hparams.seed, self.global_step, self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        generator = self.step_generator()
+        latents = self.encode_images(batch["pixel_values"], generator)  # (B, 4, h, w)
+        text_states = self.encode_text(batch["caption"])  # (B, 77, D)
+        noise = sample_noise(latents, self.hparams.noise_offset, generator)  # (B, 4, h, w)
+        num_timesteps = self.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=self.device)
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = self.unet(noisy_latents, timesteps, text_states.to(noisy_latents.dtype)).sample
+        target = prediction_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
+        gamma = self.hparams.min_snr_gamma
+        weights = None if gamma is None else min_snr_weights(self.noise_scheduler, timesteps, gamma, self.prediction_type)
+        loss = diffusion_loss(prediction, target, weights)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
+        return loss
+
+    # ---- optimizer --------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = list(self.trainable_parameters().values())
+        kwargs = {"lr": hp.learning_rate, "betas": tuple(hp.adam_betas), "eps": hp.adam_eps, "weight_decay": hp.weight_decay}
+        if hp.optimizer == "adamw8bit" and self.device.type == "cuda":
+            import bitsandbytes as bnb
+
+            optimizer = bnb.optim.AdamW8bit(params, **kwargs)
+        else:
+            if hp.optimizer == "adamw8bit":
+                log.warning("model.optimizer: adamw8bit needs CUDA; training on %s with torch AdamW", self.device)
+            optimizer = torch.optim.AdamW(params, **kwargs)
+        total_steps = self.trainer.estimated_stepping_batches
+        scheduler = get_scheduler(
+            hp.lr_scheduler, optimizer, num_warmup_steps=hp.lr_warmup_steps,
+            num_training_steps=int(total_steps) if total_steps != float("inf") else None,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = self.trainable_parameters()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        np_state = np.random.get_state()
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+            "python": random.getstate(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        missing = set(self.trainable_parameters()) - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"checkpoint lacks {len(missing)} trainable weight(s) (e.g. {sorted(missing)[0]}); "
+                "was it written with another model.train_mode or LoRA setting?"
+            )
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            if states["cuda"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            kind, keys, *rest = states["numpy"]
+            np.random.set_state((kind, keys.numpy(), *rest))
+            random.setstate(states["python"])
+
+    def export_weights(self, folder: Path, suffix: str = "") -> list[Path]:
+        """Write the trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors)."""
+        if self.hparams.train_mode == "lora":
+            return [save_lora(self.unet, folder / f"lora{suffix}")]
+        target = folder / f"unet{suffix}"
+        self.unet.save_pretrained(target, safe_serialization=True)
+        return [target]

@@ -1,0 +1,143 @@
+"""Tiny random-init Stable Diffusion components, built offline from configs (as diffusers' own tests do).
+
+The tiny preset has the real SD architecture with small widths: a 2-block VAE (downsampling factor 2,
+not 8), a 2-block UNet with cross-attention, a 2-layer CLIP text encoder, and a byte-level BPE CLIP
+tokenizer whose vocab/merges files are generated here. Every component is seeded, so two builds are
+bitwise identical.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+TINY_SEED = 0
+# Words of the synthetic captions (data_tools.synth) get whole-word merges, so the tiny tokenizer
+# produces a few tokens per word instead of one per byte.
+_TINY_WORDS = (
+    "a photo of red green blue yellow purple orange white black small large circle square triangle "
+    "on background with and the in picture shape"
+).split()
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes), strict=True))
+
+
+def write_tiny_tokenizer(folder: Path) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP BPE tokenizer."""
+    symbols = list(_bytes_to_unicode().values())
+    vocab_list = symbols + [s + "</w>" for s in symbols]
+    merges: list[str] = []
+    for word in _TINY_WORDS:
+        # Merge left to right: ((w o) r) d</w> ... ends in the whole word with its end-of-word marker.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            merge = f"{current} {piece}"
+            merged = current + piece
+            if merge not in merges:
+                merges.append(merge)
+            if merged not in vocab_list:
+                vocab_list.append(merged)
+            current = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab_list)}))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """Load the generated tokenizer; checks its size because some transformers 5 paths yield 2 tokens."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tiny_tokenizer(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        expected = len(json.loads((folder / "vocab.json").read_text()))
+    assert len(tokenizer) == expected, f"tiny tokenizer has {len(tokenizer)} tokens, expected {expected}"
+    return tokenizer
+
+
+def tiny_unet() -> UNet2DConditionModel:
+    torch.manual_seed(TINY_SEED)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(TINY_SEED)
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+    )
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    torch.manual_seed(TINY_SEED)
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+    )
+    return CLIPTextModel(config)
+
+
+def tiny_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
+    """SD's training noise schedule (scaled_linear, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
