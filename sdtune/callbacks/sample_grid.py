@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from sdtune.callbacks.ema import find_ema
-from sdtune.checkpoint.layout import checkpoint_tag
+from sdtune.checkpoint.layout import checkpoint_tag, due
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +112,8 @@ class SampleGrid(Callback):
             log.info("sample grid: %s", path)
         return path
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0:
-            self.save_grid(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
             self.save_grid(trainer, pl_module)

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from sdtune.callbacks.ema import find_ema
 from sdtune.callbacks.sample_grid import samples_dir
-from sdtune.checkpoint.layout import TRAINING_STATE, checkpoint_tag, list_checkpoints, verify_checkpoint, write_manifest
+from sdtune.checkpoint.layout import due, TRAINING_STATE, checkpoint_tag, list_checkpoints, verify_checkpoint, write_manifest
 from sdtune.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -60,22 +60,16 @@ class PeriodicCheckpoint(Checkpoint):
                 log.warning("removing incomplete checkpoint write %s", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
-        n = self.every_n_train_steps
-        if n and trainer.global_step % n == 0:
-            self.save(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        n = self.every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
+    ) -> None:
+        if due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
             self.save(trainer, pl_module)
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
         tag = checkpoint_tag(trainer)
         root = self.checkpoint_dir(trainer)
         final = root / tag
-        if final == self.last_saved:  # the step and epoch triggers fired for the same step
-            return final
         tmp = root / f".tmp-{tag}"
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -32,6 +32,19 @@ FORMAT = "sdtune-checkpoint/1"
 _TAG = re.compile(r"^epoch=(\d+)-step=(\d+)$")
 
 
+def due(trainer: L.Trainer, batch_idx: int, every_n_epochs: int, every_n_train_steps: int) -> bool:
+    """Whether a per-epoch or per-step action is due after this batch.
+
+    Epoch-end actions run in `on_train_batch_end` of the epoch's last batch, not in `on_train_epoch_end`:
+    Lightning resumes a checkpoint written there into a fresh next epoch, whereas one written in
+    `on_train_epoch_end` is restored into an epoch that runs no batches.
+    """
+    last_batch = batch_idx + 1 == trainer.num_training_batches
+    if every_n_epochs and last_batch and (trainer.current_epoch + 1) % every_n_epochs == 0:
+        return True
+    return bool(every_n_train_steps) and trainer.global_step % every_n_train_steps == 0
+
+
 def checkpoint_tag(trainer: L.Trainer) -> str:
     return f"epoch={trainer.current_epoch:04d}-step={trainer.global_step:06d}"
 

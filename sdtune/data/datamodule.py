@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -101,7 +102,6 @@ class ShardDataModule(L.LightningDataModule):
             caption_dropout=caption_dropout,
         )
         self.train_stream: ShardStream | None = None
-        self._resume: EpochResume | None = None
         self._progress = EpochResume(epoch=0, batches_done=0)
 
     def _shard_counts(self, urls: list[str]) -> list[int]:
@@ -129,13 +129,20 @@ class ShardDataModule(L.LightningDataModule):
         log.info("data: %d shards, %d batches per epoch per device", len(urls), len(self.train_stream) // self.batch_size)
 
     def _start_epoch(self) -> None:
-        assert self.train_stream is not None
-        epoch = self.trainer.current_epoch if self.trainer else self._progress.epoch + 1
-        resume = self._resume if self._resume is not None and self._resume.epoch == epoch else None
-        self._resume = None
-        self.train_stream.epoch = epoch
-        self.train_stream.resume = resume
-        self._progress = resume or EpochResume(epoch=epoch, batches_done=0)
+        """Called each time the loader is iterated: continue the current epoch or start the next one.
+
+        The epoch number is the DataModule's own, not Lightning's loop counter: Lightning creates the
+        first iterator (to count batches) before it restores its loops, and may iterate a loader twice
+        before the first batch. Iterating again before any batch is consumed gives the same epoch.
+        """
+        stream = self.train_stream
+        assert stream is not None
+        progress = self._progress
+        if progress.batches_done >= len(stream) // self.batch_size:
+            progress = EpochResume(epoch=progress.epoch + 1, batches_done=0)
+        stream.epoch = progress.epoch
+        stream.resume = copy.deepcopy(progress) if progress.batches_done else None
+        self._progress = progress
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_stream is not None, "setup() first"
@@ -191,7 +198,7 @@ class ShardDataModule(L.LightningDataModule):
                 "data: cannot resume exactly with a different data layout (" + ", ".join(changed) + "); "
                 "use the settings of the run you resume"
             )
-        self._resume = EpochResume(
+        self._progress = EpochResume(
             epoch=state["epoch"],
             batches_done=state["batches_done"],
             positions={int(k): v for k, v in state["positions"].items()},

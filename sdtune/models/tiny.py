@@ -139,5 +139,4 @@ def tiny_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
         prediction_type=prediction_type,
         clip_sample=False,
         steps_offset=1,
-        set_alpha_to_one=False,
     )
