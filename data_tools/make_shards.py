@@ -124,8 +124,9 @@ def make_shards(
             jpeg, caption = result
             key = f"{num_written:09d}"
             source_name = str(path.relative_to(source)) if source.is_dir() else str(path)
-            writer.write({"__key__": key, "jpg": jpeg, "txt": caption,
-                          "json": {"caption": caption, "source": source_name}})
+            writer.write(
+                {"__key__": key, "jpg": jpeg, "txt": caption, "json": {"caption": caption, "source": source_name}}
+            )
             num_in_shard += 1
             num_written += 1
             if num_in_shard == samples_per_shard:
@@ -137,8 +138,10 @@ def make_shards(
         raise ValueError(f"make_shards: no usable image in {source} (skipped: {dict(skipped)})")
     manifest = DatasetManifest(shards=shards, resolution=resolution, skipped=dict(skipped))
     manifest.write(out)
-    print(f"wrote {num_written} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())}: "
-          f"{dict(sorted(skipped.items()))}")
+    print(
+        f"wrote {num_written} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())}: "
+        f"{dict(sorted(skipped.items()))}"
+    )
     return manifest
 
 
@@ -152,5 +155,5 @@ class _Serial:
         return None
 
     @staticmethod
-    def imap(fn, items, chunksize: int = 1):  # noqa: ANN001, ANN205
+    def imap(fn, items, chunksize: int = 1):
         return map(fn, items)

@@ -70,9 +70,14 @@ class SampleGrid(Callback):
     @torch.no_grad()
     def render(self, pl_module: L.LightningModule, resolution: int) -> Image.Image:
         pipeline = StableDiffusionPipeline(
-            vae=pl_module.vae, text_encoder=pl_module.text_encoder, tokenizer=pl_module.tokenizer,
-            unet=pl_module.unet, scheduler=DDIMScheduler.from_config(pl_module.noise_scheduler.config),
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            vae=pl_module.vae,
+            text_encoder=pl_module.text_encoder,
+            tokenizer=pl_module.tokenizer,
+            unet=pl_module.unet,
+            scheduler=DDIMScheduler.from_config(pl_module.noise_scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
         )
         pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in self.prompts for _ in self.seeds]
@@ -82,8 +87,13 @@ class SampleGrid(Callback):
         # Sampling must not disturb the training RNG streams (exact resume depends on them).
         with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
             images = pipeline(
-                prompts, height=resolution, width=resolution, num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale, generator=generators, output_type="np",
+                prompts,
+                height=resolution,
+                width=resolution,
+                num_inference_steps=self.num_inference_steps,
+                guidance_scale=self.guidance_scale,
+                generator=generators,
+                output_type="np",
             ).images  # (N, H, W, 3) in [0, 1]
         pl_module.unet.train(was_training)
         return make_grid(np.asarray(images, dtype=np.float32), num_rows=len(self.prompts))

@@ -13,7 +13,14 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from sdtune.callbacks.ema import find_ema
 from sdtune.callbacks.sample_grid import samples_dir
-from sdtune.checkpoint.layout import due, TRAINING_STATE, checkpoint_tag, list_checkpoints, verify_checkpoint, write_manifest
+from sdtune.checkpoint.layout import (
+    TRAINING_STATE,
+    checkpoint_tag,
+    due,
+    list_checkpoints,
+    verify_checkpoint,
+    write_manifest,
+)
 from sdtune.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -75,7 +82,9 @@ class PeriodicCheckpoint(Checkpoint):
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         trainer.strategy.barrier()
-        trainer.save_checkpoint(tmp / TRAINING_STATE, weights_only=False)  # full state; every rank takes part; the strategy picks writers
+        trainer.save_checkpoint(
+            tmp / TRAINING_STATE, weights_only=False
+        )  # full state; every rank takes part; the strategy picks writers
         if trainer.is_global_zero:
             self._write_weights(trainer, pl_module, tmp, tag)
             write_manifest(tmp, self._meta(trainer, pl_module))

@@ -6,9 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 
 
-def sample_noise(
-    latents: torch.Tensor, noise_offset: float, generator: torch.Generator
-) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, noise_offset: float, generator: torch.Generator) -> torch.Tensor:
     """Gaussian noise like `latents`; with offset noise, plus a per-channel constant (Guttenberg, 2023)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
     if noise_offset > 0:
@@ -43,9 +41,7 @@ def min_snr_weights(
     return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
 
 
-def diffusion_loss(
-    prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
+def diffusion_loss(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample (optionally weighted), averaged over the batch; in float32."""
     per_sample = (prediction.float() - target.float()).pow(2).mean(dim=tuple(range(1, prediction.ndim)))  # (B,)
     if weights is not None:

@@ -113,8 +113,11 @@ class SDFineTune(L.LightningModule):
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Captions -> CLIP hidden states (B, 77, D)."""
         tokens = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         return self.text_encoder(tokens)[0]
 
@@ -134,7 +137,9 @@ class SDFineTune(L.LightningModule):
         prediction = self.unet(noisy_latents, timesteps, text_states.to(noisy_latents.dtype)).sample
         target = prediction_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
         gamma = self.hparams.min_snr_gamma
-        weights = None if gamma is None else min_snr_weights(self.noise_scheduler, timesteps, gamma, self.prediction_type)
+        weights = (
+            None if gamma is None else min_snr_weights(self.noise_scheduler, timesteps, gamma, self.prediction_type)
+        )
         loss = diffusion_loss(prediction, target, weights)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
         return loss
@@ -143,7 +148,12 @@ class SDFineTune(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         params = list(self.trainable_parameters().values())
-        kwargs = {"lr": hp.learning_rate, "betas": tuple(hp.adam_betas), "eps": hp.adam_eps, "weight_decay": hp.weight_decay}
+        kwargs = {
+            "lr": hp.learning_rate,
+            "betas": tuple(hp.adam_betas),
+            "eps": hp.adam_eps,
+            "weight_decay": hp.weight_decay,
+        }
         if hp.optimizer == "adamw8bit" and self.device.type == "cuda":
             import bitsandbytes as bnb
 
@@ -154,7 +164,9 @@ class SDFineTune(L.LightningModule):
             optimizer = torch.optim.AdamW(params, **kwargs)
         total_steps = self.trainer.estimated_stepping_batches
         scheduler = get_scheduler(
-            hp.lr_scheduler, optimizer, num_warmup_steps=hp.lr_warmup_steps,
+            hp.lr_scheduler,
+            optimizer,
+            num_warmup_steps=hp.lr_warmup_steps,
             num_training_steps=int(total_steps) if total_steps != float("inf") else None,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

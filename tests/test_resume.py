@@ -1,0 +1,119 @@
+"""Exact resume: a run killed with SIGKILL and resumed in a new process equals an uninterrupted run, bitwise."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
+from tests.conftest import read_losses, run_train, train_command, train_config, train_env
+
+pytestmark = pytest.mark.slow
+BATCHES_PER_EPOCH = 16  # 64 samples / batch 4 (2 workers x 8 batches)
+EMA = {"class_path": "sdtune.callbacks.ema.EMA", "init_args": {"decay": 0.9}}
+
+
+def checkpoint_callback(every_n_train_steps: int) -> dict:
+    return {
+        "class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint",
+        "init_args": {"every_n_epochs": 1, "every_n_train_steps": every_n_train_steps, "keep_last": 10},
+    }
+
+
+def kill_when(config: Path, condition, timeout: float = 300) -> None:  # noqa: ANN001
+    """Start training and SIGKILL it as soon as `condition()` holds (polled every 2 ms)."""
+    process = subprocess.Popen(
+        train_command(config, "--resume", "auto"), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert process.poll() is None, f"training ended before the kill: {process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    (ref,) = [r for r in list_checkpoints(run_dir / "checkpoints") if r.step == step]
+    assert verify_checkpoint(ref.path) is None
+    return {
+        name: load_file(ref.path / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "unet_ema")
+    }
+
+
+def assert_same_run(reference_dir: Path, resumed_dir: Path, resumed_from: int, final_step: int) -> None:
+    expected, seen = read_losses(reference_dir), read_losses(resumed_dir)
+    assert sorted(expected) == list(range(0, final_step)), sorted(expected)
+    assert set(range(resumed_from, final_step)) <= set(seen), f"steps logged: {sorted(seen)}"
+    # The killed process may lose the log row of its last step (SIGKILL before the logger wrote it).
+    assert len(set(expected) - set(seen)) <= 1, f"steps logged: {sorted(seen)}"
+    for step, values in seen.items():
+        # Steps run before the kill and again after the resume must agree too.
+        assert all(v == expected[step][0] for v in values), (step, values, expected[step])
+    reference, resumed = final_weights(reference_dir, final_step), final_weights(resumed_dir, final_step)
+    for folder in reference:
+        for name, tensor in reference[folder].items():
+            assert resumed[folder][name].equal(tensor), f"{folder}/{name} differs"
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory: pytest.TempPathFactory, synth_shards: Path) -> Path:
+    """Uninterrupted: 40 steps (2.5 epochs), checkpoints every 5 steps and every epoch."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
+    run_train(config)
+    return run_dir
+
+
+def test_resume_inside_an_epoch(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
+    run_dir = tmp_path / "run"
+    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
+    kill_when(config, lambda: find_latest_checkpoint(run_dir / "checkpoints") is not None)
+    killed_at = find_latest_checkpoint(run_dir / "checkpoints")
+    assert killed_at is not None and killed_at.step % BATCHES_PER_EPOCH != 0, killed_at  # mid-epoch, odd batch count
+    run_train(config, "--resume", "auto")
+    assert_same_run(reference_run, run_dir, resumed_from=killed_at.step, final_step=40)
+
+
+def test_resume_at_an_epoch_boundary(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
+    run_dir = tmp_path / "run"
+    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
+    boundary = run_dir / "checkpoints" / f"epoch=0000-step={BATCHES_PER_EPOCH:06d}" / "manifest.json"
+    kill_when(config, boundary.exists)
+    # Drop the newer mid-epoch checkpoints the run may have written after the boundary one before the kill.
+    for ref in list_checkpoints(run_dir / "checkpoints"):
+        if ref.step > BATCHES_PER_EPOCH:
+            shutil.rmtree(ref.path)
+    assert find_latest_checkpoint(run_dir / "checkpoints").step == BATCHES_PER_EPOCH
+    run_train(config, "--resume", "auto")
+    assert_same_run(reference_run, run_dir, resumed_from=BATCHES_PER_EPOCH, final_step=40)
+
+
+def test_kill_during_checkpoint_write_keeps_previous(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
+
+    def second_write_started() -> bool:
+        # The first complete checkpoint exists and the next one is being written.
+        return find_latest_checkpoint(checkpoints) is not None and any(checkpoints.glob(".tmp-*"))
+
+    kill_when(config, second_write_started)
+    partial = list(checkpoints.glob(".tmp-*"))
+    assert partial, "the kill should land while a checkpoint is being written"
+    refs = list_checkpoints(checkpoints)
+    assert refs and all(verify_checkpoint(ref.path) is None for ref in refs), "complete checkpoints stay intact"
+    run_train(config, "--resume", "auto")
+    assert not list(checkpoints.glob(".tmp-*")), "leftover partial writes are cleaned on start"
+    assert_same_run(reference_run, run_dir, resumed_from=refs[0].step, final_step=40)
