@@ -26,7 +26,7 @@ def checkpoint_callback(every_n_train_steps: int) -> dict:
     }
 
 
-def kill_when(config: Path, condition, timeout: float = 300) -> None:  # noqa: ANN001
+def kill_when(config: Path, condition, timeout: float = 300) -> None:
     """Start training and SIGKILL it as soon as `condition()` holds (polled every 2 ms)."""
     process = subprocess.Popen(
         train_command(config, "--resume", "auto"), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -47,9 +47,7 @@ def kill_when(config: Path, condition, timeout: float = 300) -> None:  # noqa: A
 def final_weights(run_dir: Path, step: int) -> dict:
     (ref,) = [r for r in list_checkpoints(run_dir / "checkpoints") if r.step == step]
     assert verify_checkpoint(ref.path) is None
-    return {
-        name: load_file(ref.path / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "unet_ema")
-    }
+    return {name: load_file(ref.path / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "unet_ema")}
 
 
 def assert_same_run(reference_dir: Path, resumed_dir: Path, resumed_from: int, final_step: int) -> None:

@@ -8,13 +8,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
 from sdtune.callbacks.ema import find_ema
 from sdtune.checkpoint.layout import checkpoint_tag, due
+from sdtune.models.components import build_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +70,9 @@ class SampleGrid(Callback):
 
     @torch.no_grad()
     def render(self, pl_module: L.LightningModule, resolution: int) -> Image.Image:
-        pipeline = StableDiffusionPipeline(
-            vae=pl_module.vae,
-            text_encoder=pl_module.text_encoder,
-            tokenizer=pl_module.tokenizer,
-            unet=pl_module.unet,
-            scheduler=DDIMScheduler.from_config(pl_module.noise_scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        m = pl_module
+        scheduler = DDIMScheduler.from_config(m.noise_scheduler.config)
+        pipeline = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler)
         pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in self.prompts for _ in self.seeds]
         generators = [torch.Generator(device=pl_module.device).manual_seed(s) for _ in self.prompts for s in self.seeds]

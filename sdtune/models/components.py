@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from sdtune.models import tiny
@@ -31,13 +31,30 @@ class SDComponents:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def save_pretrained(self, folder: str | Path) -> None:
-        """Write a diffusers-layout folder (safetensors) that `load_components` and plain diffusers read."""
-        folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet", safe_serialization=True)
-        self.vae.save_pretrained(folder / "vae", safe_serialization=True)
-        self.text_encoder.save_pretrained(folder / "text_encoder", safe_serialization=True)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
-        self.noise_scheduler.save_pretrained(folder / "scheduler")
+        """Write a diffusers pipeline folder (safetensors) that `load_components` and plain diffusers read."""
+        build_pipeline(self.unet, self.vae, self.text_encoder, self.tokenizer, self.noise_scheduler).save_pretrained(
+            folder, safe_serialization=True
+        )
+
+
+def build_pipeline(
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    scheduler: SchedulerMixin,
+) -> StableDiffusionPipeline:
+    """A text-to-image pipeline over existing modules (no copies, no safety checker)."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def _check_source(pretrained: str) -> None:
