@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from PIL import Image
 
 from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
 from sdtune.data.manifest import DatasetManifest, ShardEntry
@@ -69,8 +70,6 @@ def _prepare(job: tuple[Path, str | None, int, int]) -> tuple[bytes, str] | str:
     pixels = resize_crop_flip(image, resolution, np.random.default_rng(0), random_crop=False, flip_prob=0.0)
     array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
     buffer = io.BytesIO()
-    from PIL import Image
-
     Image.fromarray(array).save(buffer, format="JPEG", quality=95)
     return buffer.getvalue(), caption.strip()
 
