@@ -126,8 +126,8 @@ class SDFineTune(L.LightningModule):
         seed = _step_seed(self.hparams.seed, self.global_step, self.global_rank)
         return torch.Generator(device=self.device).manual_seed(seed)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        generator = self.step_generator()
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        """The diffusion loss of one batch; all randomness comes from `generator`."""
         latents = self.encode_images(batch["pixel_values"], generator)  # (B, 4, h, w)
         text_states = self.encode_text(batch["caption"])  # (B, 77, D)
         noise = sample_noise(latents, self.hparams.noise_offset, generator)  # (B, 4, h, w)
@@ -140,12 +140,20 @@ class SDFineTune(L.LightningModule):
         weights = (
             None if gamma is None else min_snr_weights(self.noise_scheduler, timesteps, gamma, self.prediction_type)
         )
-        loss = diffusion_loss(prediction, target, weights)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=latents.shape[0])
+        return diffusion_loss(prediction, target, weights)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch, self.step_generator())
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
         return loss
 
     # ---- optimizer --------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
+        total_steps = self.trainer.estimated_stepping_batches
+        return self.configure_optimizers_for(int(total_steps) if total_steps != float("inf") else None)
+
+    def configure_optimizers_for(self, total_steps: int | None) -> dict[str, Any]:
+        """Optimizer and per-step LR schedule for a run of `total_steps` optimizer steps."""
         hp = self.hparams
         params = list(self.trainable_parameters().values())
         kwargs = {
@@ -162,12 +170,8 @@ class SDFineTune(L.LightningModule):
             if hp.optimizer == "adamw8bit":
                 log.warning("model.optimizer: adamw8bit needs CUDA; training on %s with torch AdamW", self.device)
             optimizer = torch.optim.AdamW(params, **kwargs)
-        total_steps = self.trainer.estimated_stepping_batches
         scheduler = get_scheduler(
-            hp.lr_scheduler,
-            optimizer,
-            num_warmup_steps=hp.lr_warmup_steps,
-            num_training_steps=int(total_steps) if total_steps != float("inf") else None,
+            hp.lr_scheduler, optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total_steps
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

@@ -1,0 +1,295 @@
+"""Measure training throughput, framework overhead and data-pipeline speed for a config.
+
+    python -m sdtune.bench --config configs/quickstart.yaml [--mode all|train|overhead|data|gpu]
+
+train:    Lightning fit on the config's real data: images/s, step time split into data wait and compute,
+          peak memory (RSS on CPU, CUDA max allocated on GPU).
+overhead: the same model and the same cached batches, through Lightning and through a bare PyTorch
+          loop (forward, backward, AdamW, LR schedule): framework overhead as a ratio of step times.
+data:     the data pipeline alone (images/s per DataLoader worker) against plain PIL decoding of the
+          same tar members in one process.
+gpu:      (CUDA only) an SD1.5-shaped UNet (random init) at 512 px with cached latents in bf16:
+          images/s, MFU and peak memory, with/without 8-bit AdamW and gradient checkpointing.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import resource
+import statistics
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from jsonargparse import auto_cli
+from lightning.pytorch.callbacks import Callback
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from sdtune.cli import SDTuneCLI
+
+UNET_TRAIN_FLOPS_PER_IMAGE = 3 * 0.80e12  # SD1.5 UNet at 512 px, forward + backward, cached latents
+
+
+class StepTimer(Callback):
+    """Per-step wall time, split into the wait before the step (data) and the step itself (compute)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.data_wait: list[float] = []
+        self.compute: list[float] = []
+        self._last_end: float | None = None
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._start = time.perf_counter()
+        if self._last_end is not None and trainer.global_step >= self.warmup:
+            self.data_wait.append(self._start - self._last_end)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self._sync(trainer)
+        self._last_end = time.perf_counter()
+        if trainer.global_step > self.warmup:
+            self.compute.append(self._last_end - self._start)
+
+    @staticmethod
+    def _sync(trainer: L.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def load_config(config: Path, shards: str | None) -> tuple[L.LightningModule, L.LightningDataModule, dict]:
+    args = ["--config", str(config), "--trainer.logger", "false"]
+    if shards:
+        args += ["--data.init_args.shards", shards]
+    cli = SDTuneCLI(subclass_mode_model=True, subclass_mode_data=True, run=False, args=args)
+    trainer_config = cli.config["trainer"]
+    return cli.model, cli.datamodule, {"precision": trainer_config["precision"], "accelerator": "auto", "devices": 1}
+
+
+def quiet_trainer(trainer_kwargs: dict, max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    return L.Trainer(
+        **trainer_kwargs,
+        max_steps=max_steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        num_sanity_val_steps=0,
+    )
+
+
+def bench_train(
+    model: L.LightningModule, datamodule: L.LightningDataModule, trainer_kwargs: dict, steps: int, warmup: int
+) -> dict[str, float]:
+    timer = StepTimer(warmup)
+    quiet_trainer(trainer_kwargs, warmup + steps, [timer]).fit(model, datamodule=datamodule)
+    step = statistics.mean(timer.compute) + statistics.mean(timer.data_wait)
+    return {
+        "images_per_s": datamodule.batch_size / step,
+        "step_ms": 1000 * step,
+        "data_wait_ms": 1000 * statistics.mean(timer.data_wait),
+        "compute_ms": 1000 * statistics.mean(timer.compute),
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
+def _cached_batches(datamodule: L.LightningDataModule, count: int) -> list[dict]:
+    """`count` batches, cycling over one epoch if the epoch is shorter."""
+    datamodule.setup("fit")
+    epoch = [{k: v for k, v in b.items() if k in ("pixel_values", "caption")} for b in datamodule.train_dataloader()]
+    return [epoch[i % len(epoch)] for i in range(count)]
+
+
+def bare_loop_step_times(model: L.LightningModule, batches: list[dict], warmup: int) -> list[float]:
+    """The same model, loss and optimizer as Lightning's, in a plain PyTorch loop."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    model.unet.train()
+    optimizers = model.configure_optimizers_for(len(batches))
+    optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    times = []
+    for step, batch in enumerate(batches):
+        start = time.perf_counter()
+        generator = torch.Generator(device=device).manual_seed(step)
+        batch = {"pixel_values": batch["pixel_values"].to(device), "caption": batch["caption"]}
+        loss = model.compute_loss(batch, generator)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def bench_overhead(
+    model: L.LightningModule, datamodule: L.LightningDataModule, trainer_kwargs: dict, steps: int, warmup: int
+) -> dict[str, float]:
+    batches = _cached_batches(datamodule, warmup + steps)
+    bare_model = copy.deepcopy(model)
+    # Bare, Lightning, bare again: the two bare runs bracket the Lightning one against drift of the machine.
+    bare_before = statistics.median(bare_loop_step_times(bare_model, batches, warmup))
+    timer = StepTimer(warmup)
+    loader = DataLoader(batches, batch_size=None, shuffle=False)
+    quiet_trainer(trainer_kwargs, warmup + steps, [timer]).fit(model, train_dataloaders=loader)
+    bare_after = statistics.median(bare_loop_step_times(bare_model, batches, warmup))
+    lightning_steps = [c + w for c, w in zip(timer.compute, timer.data_wait, strict=False)]
+    bare = (bare_before + bare_after) / 2
+    ratio = statistics.median(lightning_steps) / bare
+    return {
+        "bare_step_ms_before": 1000 * bare_before,
+        "bare_step_ms_after": 1000 * bare_after,
+        "lightning_step_ms": 1000 * statistics.median(lightning_steps),
+        "overhead_ratio": ratio,
+    }
+
+
+def _pil_decode_rate(urls: list[str], resolution: int) -> float:
+    """Plain PIL: read each image member, decode, resize + center crop, to an array; one process."""
+    count, start = 0, time.perf_counter()
+    for url in urls:
+        with tarfile.open(url) as tar:
+            for member in tar:
+                if member.name.rsplit(".", 1)[-1] in ("jpg", "png", "webp"):
+                    image = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
+                    scale = resolution / min(image.size)
+                    image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+                    np.asarray(image.crop((0, 0, resolution, resolution)))
+                    count += 1
+    return count / (time.perf_counter() - start)
+
+
+def bench_data(datamodule: L.LightningDataModule) -> dict[str, float]:
+    datamodule.setup("fit")
+    stream = datamodule.train_stream
+    # Timed from the first batch on, so that worker start-up (process spawn, imports) is not counted.
+    num_images, start = 0, 0.0
+    for index, batch in enumerate(datamodule.train_dataloader()):
+        if index == 0:
+            start = time.perf_counter()
+        else:
+            num_images += len(batch["caption"])
+    elapsed = time.perf_counter() - start
+    workers = max(1, datamodule.num_workers)
+    pil = _pil_decode_rate(stream.shard_urls, stream.transform.resolution)
+    per_worker = num_images / elapsed / workers
+    return {
+        "pipeline_images_per_s": num_images / elapsed,
+        "num_workers": workers,
+        "pipeline_images_per_s_per_worker": per_worker,
+        "plain_pil_images_per_s": pil,
+        "per_worker_vs_pil": per_worker / pil,
+    }
+
+
+def bench_gpu(steps: int, warmup: int, batch_size: int, peak_tflops: float) -> list[dict[str, Any]]:
+    """SD1.5-shaped UNet at 512 px (64x64 latents), bf16 autocast, cached latents and text states."""
+    from diffusers import UNet2DConditionModel
+
+    results = []
+    for optimizer_name in ("adamw", "adamw8bit"):
+        for checkpointing in (False, True):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).cuda().train()
+            if checkpointing:
+                unet.enable_gradient_checkpointing()
+            if optimizer_name == "adamw8bit":
+                import bitsandbytes as bnb
+
+                optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-5)
+            else:
+                optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
+            latents = torch.randn(batch_size, 4, 64, 64, device="cuda")
+            text = torch.randn(batch_size, 77, 768, device="cuda")
+            timesteps = torch.randint(0, 1000, (batch_size,), device="cuda")
+            for step in range(warmup + steps):
+                if step == warmup:
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    prediction = unet(latents, timesteps, text).sample
+                loss = torch.nn.functional.mse_loss(prediction.float(), latents)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            images_per_s = batch_size * steps / (time.perf_counter() - start)
+            results.append(
+                {
+                    "optimizer": optimizer_name,
+                    "gradient_checkpointing": checkpointing,
+                    "batch_size": batch_size,
+                    "images_per_s": images_per_s,
+                    "mfu": images_per_s * UNET_TRAIN_FLOPS_PER_IMAGE / (peak_tflops * 1e12),
+                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
+                }
+            )
+            del unet, optimizer
+    return results
+
+
+def main(
+    config: Path = Path("configs/quickstart.yaml"),
+    mode: str = "all",
+    steps: int = 20,
+    warmup: int = 5,
+    shards: str | None = None,
+    gpu_batch_size: int = 8,
+    peak_tflops: float = 989.0,
+    out: Path | None = None,
+) -> dict[str, Any]:
+    """Run the benchmarks and print one JSON report.
+
+    Args:
+        config: Training config (model and data).
+        mode: all, train, overhead, data or gpu.
+        steps: Timed steps per measurement.
+        warmup: Untimed steps first.
+        shards: Use these shards instead of the config's.
+        gpu_batch_size: Batch size of the SD1.5-shaped GPU benchmark.
+        peak_tflops: Dense bf16 peak of the GPU for MFU (H100 SXM: 989).
+        out: Also write the report here (JSON).
+    """
+    valid = {"all", "train", "overhead", "data", "gpu"}
+    if mode not in valid:
+        raise ValueError(f"--mode: {mode!r} is not one of {sorted(valid)}")
+    report: dict[str, Any] = {"config": str(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    if mode in ("all", "data"):
+        report["data"] = bench_data(load_config(config, shards)[1])
+    if mode in ("all", "overhead"):
+        model, datamodule, trainer_kwargs = load_config(config, shards)
+        report["overhead"] = bench_overhead(model, datamodule, trainer_kwargs, steps, warmup)
+    if mode in ("all", "train"):
+        model, datamodule, trainer_kwargs = load_config(config, shards)
+        report["train"] = bench_train(model, datamodule, trainer_kwargs, steps, warmup)
+    if mode in ("all", "gpu"):
+        report["gpu"] = (
+            bench_gpu(steps, warmup, gpu_batch_size, peak_tflops) if torch.cuda.is_available() else "skipped: no CUDA"
+        )
+    text = json.dumps(report, indent=2)
+    print(text)
+    if out is not None:
+        out.write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    auto_cli(main, as_positional=False)
