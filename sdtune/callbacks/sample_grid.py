@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -101,12 +102,8 @@ class SampleGrid(Callback):
     def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
         ema = find_ema(trainer)
-        resolution = self._resolution(trainer)
-        if ema is not None:
-            with ema.swapped_in(pl_module):
-                grid = self.render(pl_module, resolution)
-        else:
-            grid = self.render(pl_module, resolution)
+        with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
+            grid = self.render(pl_module, self._resolution(trainer))
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

@@ -119,27 +119,27 @@ class ShardStream(IterableDataset):
         """Samples this rank yields per epoch (DataLoader turns it into batches)."""
         return self.num_workers * self.batches_per_worker * self.batch_size
 
+    def _read_shards(self, order: list[int], errors: dict[str, int]) -> Iterator[RawSample]:
+        for shard_id in order:
+            url = self.shard_urls[shard_id]
+            with storage.open_read(url) as stream:
+                yield from iter_tar_samples(stream, url, WANTED_EXTS, errors)
+
     def _raw_stream(self, global_worker: int, errors: dict[str, int]) -> Iterator[RawSample]:
+        """Raw samples of one reader: seeded passes over its shards, each through a seeded shuffle buffer."""
         shard_ids = self.assignment[global_worker]
         for pass_index in itertools.count():
-            if pass_index > 0 and errors.get("_raw_in_pass", 0) == 0:
-                names = [self.shard_urls[i] for i in shard_ids]
-                raise RuntimeError(f"data reader {global_worker}: shards {names} hold no readable samples")
-            errors["_raw_in_pass"] = 0
             rng = np.random.default_rng([self.seed, self.epoch, global_worker, pass_index])
             order = [shard_ids[i] for i in rng.permutation(len(shard_ids))]
             if pass_index > 0:
                 errors["extra_pass"] = errors.get("extra_pass", 0) + 1
-
-            def samples(order: list[int] = order) -> Iterator[RawSample]:
-                for shard_id in order:
-                    url = self.shard_urls[shard_id]
-                    with storage.open_read(url) as stream:
-                        for raw in iter_tar_samples(stream, url, WANTED_EXTS, errors):
-                            errors["_raw_in_pass"] += 1
-                            yield raw
-
-            yield from _buffered_shuffle(samples(), self.shuffle_buffer, rng)
+            num_raw = 0
+            for raw in _buffered_shuffle(self._read_shards(order, errors), self.shuffle_buffer, rng):
+                num_raw += 1
+                yield raw
+            if num_raw == 0:
+                names = [self.shard_urls[i] for i in shard_ids]
+                raise RuntimeError(f"data reader {global_worker}: shards {names} hold no readable samples")
 
     def _decode(self, raw: RawSample) -> dict:
         # Augmentation randomness comes from the sample's identity, not from stream position, so a
