@@ -47,9 +47,8 @@ class SDTuneCLI(LightningCLI):
             return
         ref = resolve_resume(resume, callback.checkpoint_dir(self.trainer))
         if ref is not None:
+            # Read by PeriodicCheckpoint's SafetensorsCheckpointIO: no pickle is loaded.
             self.config_init["fit"]["ckpt_path"] = str(ref.training_state)
-        # The training state is a torch pickle: load it with the restricted (weights-only) unpickler.
-        self.config_init["fit"]["weights_only"] = True
 
 
 def main(args: list[str] | None = None) -> SDTuneCLI:

@@ -15,7 +15,7 @@ def make_checkpoint(root: Path, epoch: int, step: int, complete: bool = True) ->
     folder = root / f"epoch={epoch:04d}-step={step:06d}"
     (folder / "unet").mkdir(parents=True)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w" * (100 + step))
-    (folder / "training_state.ckpt").write_bytes(b"s" * 50)
+    (folder / "training_state.safetensors").write_bytes(b"s" * 50)
     if complete:
         write_manifest(folder, {"epoch": epoch, "step": step})
     return folder
@@ -26,21 +26,21 @@ def test_newest_complete_wins(tmp_path: Path) -> None:
     newest = make_checkpoint(tmp_path, 1, 20)
     assert find_latest_checkpoint(tmp_path).path == newest
     manifest = json.loads((newest / MANIFEST).read_text())
-    assert manifest["files"]["training_state.ckpt"]["bytes"] == 50 and len(manifest["files"]) == 2
+    assert manifest["files"]["training_state.safetensors"]["bytes"] == 50 and len(manifest["files"]) == 2
 
 
 def test_broken_checkpoints_are_skipped_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     good = make_checkpoint(tmp_path, 0, 10)
     make_checkpoint(tmp_path, 1, 20, complete=False)  # killed before the manifest
     corrupt = make_checkpoint(tmp_path, 1, 30)
-    (corrupt / "training_state.ckpt").write_bytes(b"x" * 50)  # same size, other bytes
+    (corrupt / "training_state.safetensors").write_bytes(b"x" * 50)  # same size, other bytes
     truncated = make_checkpoint(tmp_path, 1, 40)
     (truncated / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w")
     (tmp_path / ".tmp-epoch=0001-step=000050").mkdir()  # a write in progress
     assert find_latest_checkpoint(tmp_path).path == good
     assert "no manifest.json" in caplog.text and "does not match its sha256" in caplog.text
     assert "has 1 bytes" in caplog.text
-    assert verify_checkpoint(corrupt) == "training_state.ckpt does not match its sha256"
+    assert verify_checkpoint(corrupt) == "training_state.safetensors does not match its sha256"
 
 
 def test_resume_option(tmp_path: Path) -> None:
@@ -48,7 +48,7 @@ def test_resume_option(tmp_path: Path) -> None:
     assert resolve_resume("auto", tmp_path) is None  # nothing there yet: start fresh
     folder = make_checkpoint(tmp_path, 0, 10)
     assert resolve_resume("auto", tmp_path).path == folder
-    assert resolve_resume(str(folder), tmp_path).training_state == folder / "training_state.ckpt"
+    assert resolve_resume(str(folder), tmp_path).training_state == folder / "training_state.safetensors"
     broken = make_checkpoint(tmp_path, 0, 11, complete=False)
     with pytest.raises(ValueError, match="--resume .*no manifest.json"):
         resolve_resume(str(broken), tmp_path)

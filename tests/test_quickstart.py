@@ -13,6 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
 from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
+from sdtune.checkpoint.state_file import load_state
 from sdtune.models import SDFineTune
 from sdtune.models.components import load_components
 from tests.conftest import QUICKSTART, run_train
@@ -52,7 +53,7 @@ def test_quickstart_writes_checkpoints_grids_and_loadable_weights(tmp_path: Path
         manifest = json.loads((ref.path / "manifest.json").read_text())
         assert manifest["step"] == ref.step and manifest["base_model"] == "tiny" and manifest["ema"] is True
         assert {
-            "training_state.ckpt",
+            "training_state.safetensors",
             "samples.png",
             "unet/diffusion_pytorch_model.safetensors",
             "unet_ema/diffusion_pytorch_model.safetensors",
@@ -69,7 +70,7 @@ def test_quickstart_writes_checkpoints_grids_and_loadable_weights(tmp_path: Path
     # The exported unet/ loads with plain diffusers and matches the weights the training state holds.
     newest = find_latest_checkpoint(run_dir / "checkpoints")
     exported = UNet2DConditionModel.from_pretrained(newest.path / "unet").eval()
-    state = torch.load(newest.training_state, map_location="cpu", weights_only=True)
+    state = load_state(newest.training_state)
     module = SDFineTune(pretrained="tiny")
     module.load_state_dict(state["state_dict"], strict=False)
     module.unet.eval()
@@ -86,7 +87,7 @@ def test_lora_run_exports_an_adapter_diffusers_loads(tmp_path: Path, synth_shard
     ref = find_latest_checkpoint(run_dir / "checkpoints")
     assert (ref.path / "lora" / "pytorch_lora_weights.safetensors").is_file()
     assert (ref.path / "lora_ema" / "pytorch_lora_weights.safetensors").is_file()
-    state = torch.load(ref.training_state, map_location="cpu", weights_only=True)
+    state = load_state(ref.training_state)
     assert state["state_dict"] and all("lora" in k for k in state["state_dict"]), "only LoRA weights are stored"
 
     base_tmp = tmp_path / "base"

@@ -7,16 +7,20 @@ import logging
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from sdtune.data.stream import EVENTS
+
 log = logging.getLogger(__name__)
 
 
 class DataStats(Callback):
-    """Logs `data/skipped_<reason>` each `log_every_n_steps` and a summary at the end of each epoch."""
+    """Logs `data/skipped_<reason>`, `data/extra_pass` and `data/shard_reopen` every `log_every_n_steps`;
+    a summary of skips at the end of each epoch."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
         counts = self._counts(trainer)
         if counts is not None and trainer.global_step % trainer.log_every_n_steps == 0:
-            pl_module.log_dict({f"data/skipped_{k}": float(v) for k, v in counts.items()}, on_step=True, on_epoch=False)
+            metrics = {f"data/{k}" if k in EVENTS else f"data/skipped_{k}": float(v) for k, v in counts.items()}
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts = self._counts(trainer)

@@ -21,6 +21,7 @@ from sdtune.checkpoint.layout import (
     verify_checkpoint,
     write_manifest,
 )
+from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
 from sdtune.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class PeriodicCheckpoint(Checkpoint):
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Training state as safetensors + JSON (no pickle), for saving and for resuming.
+        trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = self.checkpoint_dir(trainer)

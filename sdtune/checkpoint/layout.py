@@ -3,7 +3,7 @@
     <run>/checkpoints/epoch=0003-step=000120/
         unet/ (or lora/)            diffusers-layout safetensors weights
         unet_ema/ (or lora_ema/)    the EMA weights, when EMA is on
-        training_state.ckpt         optimizer, scheduler, loops, callbacks, RNG and data position
+        training_state.safetensors  optimizer, scheduler, loops, callbacks, RNG and data position (no pickle)
         samples.png                 the sample grid of this step, when one was rendered
         manifest.json               written last: files, sizes, sha256, epoch, step, config hash, base model
 
@@ -27,8 +27,8 @@ from sdtune.fileio import sha256_file, write_text_atomic
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-TRAINING_STATE = "training_state.ckpt"
-FORMAT = "sdtune-checkpoint/1"
+TRAINING_STATE = "training_state.safetensors"
+FORMAT = "sdtune-checkpoint/2"
 _TAG = re.compile(r"^epoch=(\d+)-step=(\d+)$")
 
 

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sdtune.data import storage
+from sdtune import storage
 from sdtune.data.decode import ImageLimits
 from sdtune.data.manifest import read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdtune.data import storage
+from sdtune import storage
 from sdtune.fileio import write_text_atomic
 
 MANIFEST_NAME = "manifest.json"

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdtune.data import storage
+from sdtune import storage
 from sdtune.data.decode import (
     BAD_REASONS,
     WANTED_EXTS,
@@ -34,7 +34,9 @@ from sdtune.data.decode import (
 )
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
 
-STREAM_REASONS = ("truncated_shard", "oversized_member", "extra_pass")
+STREAM_REASONS = ("truncated_shard", "oversized_member", "extra_pass", "shard_reopen")
+# Counted events that are not skipped samples.
+EVENTS = ("extra_pass", "shard_reopen")
 ALL_REASONS = BAD_REASONS + STREAM_REASONS
 
 
@@ -123,7 +125,10 @@ class ShardStream(IterableDataset):
         for shard_id in order:
             url = self.shard_urls[shard_id]
             with storage.open_read(url) as stream:
-                yield from iter_tar_samples(stream, url, WANTED_EXTS, errors)
+                reopens_before = errors.get("shard_reopen", 0)
+                for raw in iter_tar_samples(stream, url, WANTED_EXTS, errors):
+                    errors["shard_reopen"] = reopens_before + storage.reopen_count(stream)
+                    yield raw
 
     def _raw_stream(self, global_worker: int, errors: dict[str, int]) -> Iterator[RawSample]:
         """Raw samples of one reader: seeded passes over its shards, each through a seeded shuffle buffer."""

@@ -1,0 +1,111 @@
+"""The training state (optimizer, LR schedule, loops, callbacks, RNG, data position) as one safetensors file.
+
+Lightning's checkpoint dict is a tree of dicts, lists, tuples, scalars, strings, tensors and NumPy arrays.
+Tensors and arrays go into the safetensors body; the rest of the tree goes, as tagged JSON, into the
+file's metadata. Loading never unpickles anything, so a checkpoint from a remote bucket or the Hub cannot
+run code, and the file can be published wherever safetensors are accepted.
+
+`SafetensorsCheckpointIO` plugs this into Lightning (`trainer.strategy.checkpoint_io`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+_TREE_KEY = "sdtune_tree"
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def _store(self, tensor: torch.Tensor) -> str:
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = tensor.detach().to("cpu").contiguous()
+        return name
+
+    def encode(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        if isinstance(value, torch.Tensor):
+            return {"__tensor__": self._store(value)}
+        if isinstance(value, np.ndarray):
+            return {"__ndarray__": self._store(torch.from_numpy(np.ascontiguousarray(value)))}
+        if isinstance(value, np.generic):
+            return {"__npscalar__": value.dtype.str, "value": value.item()}
+        if isinstance(value, torch.dtype):
+            return {"__dtype__": str(value).removeprefix("torch.")}
+        if isinstance(value, tuple):
+            return {"__tuple__": [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+        if isinstance(value, list):
+            return [self.encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in value):
+                return {k: self.encode(v, f"{where}.{k}") for k, v in value.items()}
+            return {"__items__": [[self.encode(k, where), self.encode(v, f"{where}[{k!r}]")] for k, v in value.items()]}
+        raise TypeError(
+            f"training state {where}: a {type(value).__name__} cannot be stored without pickle; "
+            "keep checkpoint state to tensors, arrays, numbers, strings, lists, tuples and dicts"
+        )
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy()
+    if "__npscalar__" in value:
+        return np.dtype(value["__npscalar__"]).type(value["value"])
+    if "__dtype__" in value:
+        return getattr(torch, value["__dtype__"])
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    encoder = _Encoder()
+    tree = encoder.encode(state, "checkpoint")
+    save_file(encoder.tensors, str(path), metadata={_TREE_KEY: json.dumps(tree)})
+
+
+def load_state(path: Path, device: str = "cpu") -> dict[str, Any]:
+    with safe_open(str(path), framework="pt", device=device) as f:
+        metadata = f.metadata() or {}
+        if _TREE_KEY not in metadata:
+            raise ValueError(f"{path}: not an sdtune training state (no {_TREE_KEY} metadata)")
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    return _decode(json.loads(metadata[_TREE_KEY]), tensors)
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    """Lightning CheckpointIO that writes and reads the training state with `save_state` / `load_state`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_state(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training state {path} not found")
+        return load_state(Path(path))
+
+    def remove_checkpoint(self, path: Any) -> None:
+        if os.path.exists(path):
+            os.remove(path)

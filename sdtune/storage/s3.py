@@ -1,0 +1,359 @@
+"""s3://bucket/key on AWS S3, Cloudflare R2 or any S3-compatible server, through boto3.
+
+Settings that matter for R2 (all in `S3Settings`, defaults suit R2 and AWS alike):
+- region `auto` unless AWS_REGION / AWS_DEFAULT_REGION say otherwise;
+- request checksum calculation and response validation `when_required`: botocore >= 1.36 otherwise adds
+  `x-amz-checksum-*` / `x-amz-trailer` headers to every upload, which R2 has answered with 501;
+- `standard` retries with a bounded number of attempts (500/503/429 and throttling), connect/read timeouts;
+- path-style addressing, which R2, MinIO and a loopback test server all accept.
+
+The endpoint comes from `S3Settings.endpoint_url` (config key `s3.endpoint_url`), else boto3's own
+AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3. Credentials come only from boto3's lookup (environment variables,
+~/.aws files); they never pass through sdtune's config.
+
+Reads stream one GET per object through a read-ahead thread; a dropped connection or a body shorter than
+its Content-Length re-opens the object at the byte where it stopped (Range + If-Match on the ETag, so a
+replaced object is never stitched together), a bounded number of times in a row.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import io
+import logging
+import os
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import boto3
+import urllib3.exceptions
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Counters for this process: botocore retries (`retries`) and mid-body re-opens (`reopens`).
+STATS: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """Connection settings for s3:// URLs (no credentials here: boto3 reads them from the environment).
+
+    Args:
+        endpoint_url: e.g. `https://<account_id>.r2.cloudflarestorage.com` (default: AWS_ENDPOINT_URL or AWS).
+        region: Signing region (default: AWS_REGION / AWS_DEFAULT_REGION, else `auto`, which R2 expects).
+        max_attempts: Attempts per request, first included (botocore `standard` retry mode).
+        connect_timeout_s: Seconds to wait for a connection.
+        read_timeout_s: Seconds to wait for data on an open connection.
+        reopen_attempts: Re-opens in a row of an object whose body stopped early, before giving up.
+        read_ahead_mib: Bytes buffered ahead of the reader per open object.
+        multipart_threshold_mib: Uploads at least this large go as multipart uploads.
+        multipart_chunk_mib: Part size of multipart uploads.
+        max_concurrency: Parallel connections per upload or download.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    max_attempts: int = 6
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0
+    reopen_attempts: int = 5
+    read_ahead_mib: int = 16
+    multipart_threshold_mib: int = 64
+    multipart_chunk_mib: int = 16
+    max_concurrency: int = 8
+
+
+_settings = S3Settings()
+_clients: dict[tuple[int, S3Settings], Any] = {}
+_lock = threading.Lock()
+
+
+def configure(settings: S3Settings | None = None, **overrides: Any) -> S3Settings:
+    """Set this process's settings (inherited by forked DataLoader workers)."""
+    global _settings
+    _settings = replace(settings or _settings, **overrides)
+    return _settings
+
+
+def settings() -> S3Settings:
+    return _settings
+
+
+def _count_retries(parsed: dict | None = None, **_: Any) -> None:
+    attempts = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
+    if attempts:
+        STATS["retries"] += attempts
+
+
+def client() -> Any:
+    """A boto3 S3 client for this process and the current settings (clients are thread-safe, not fork-safe)."""
+    key = (os.getpid(), _settings)
+    with _lock:
+        if key not in _clients:
+            s = _settings
+            region = s.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "auto"
+            config = Config(
+                region_name=region,
+                signature_version="s3v4",
+                retries={"mode": "standard", "max_attempts": s.max_attempts},
+                connect_timeout=s.connect_timeout_s,
+                read_timeout=s.read_timeout_s,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+                s3={"addressing_style": "path"},
+                max_pool_connections=max(10, 2 * s.max_concurrency),
+            )
+            c = boto3.session.Session().client("s3", endpoint_url=s.endpoint_url or None, config=config)
+            c.meta.events.register("after-call.s3", _count_retries)
+            _clients[key] = c
+        return _clients[key]
+
+
+def split_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise ValueError(f"{url!r} is not an s3:// URL")
+    bucket, _, key = url[len("s3://") :].partition("/")
+    if not bucket:
+        raise ValueError(f"{url!r}: no bucket name (expected s3://bucket/prefix)")
+    return bucket, key
+
+
+def _transfer_config() -> TransferConfig:
+    s = _settings
+    return TransferConfig(
+        multipart_threshold=s.multipart_threshold_mib * MiB,
+        multipart_chunksize=s.multipart_chunk_mib * MiB,
+        max_concurrency=s.max_concurrency,
+    )
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+
+
+def _explain(err: Exception, url: str) -> Exception:
+    """A clear error for the usual S3 mistakes, naming the URL and what to do."""
+    if isinstance(err, NoCredentialsError):
+        return PermissionError(
+            f"{url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment "
+            "(for R2: an R2 API token's access key id and secret) and s3.endpoint_url or AWS_ENDPOINT_URL"
+        )
+    if isinstance(err, ClientError):
+        code = err.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchKey", "404", "NotFound"):
+            return FileNotFoundError(f"{url}: no such object")
+        if code == "NoSuchBucket":
+            return FileNotFoundError(f"{url}: bucket does not exist (check the bucket name and s3.endpoint_url)")
+        if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+            return PermissionError(f"{url}: access denied ({code}); check the credentials' permissions and endpoint")
+    return err
+
+
+# Errors after which a read is re-opened at the byte where it stopped.
+_TRANSIENT = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
+_EOF = object()
+
+
+class _ShortBody(OSError):
+    pass
+
+
+class S3Reader(io.RawIOBase):
+    """A read-only stream of one object, fed by a read-ahead thread that re-opens on dropped connections."""
+
+    CHUNK = MiB
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+        self.bucket, self.key = split_url(url)
+        self.reopens = 0
+        self._client = client()
+        try:
+            first = self._client.get_object(Bucket=self.bucket, Key=self.key)
+        except (ClientError, NoCredentialsError) as err:
+            raise _explain(err, url) from err
+        self.size: int = first["ContentLength"]
+        self.etag: str = first["ETag"]
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, _settings.read_ahead_mib * MiB // self.CHUNK))
+        self._stop = threading.Event()
+        self._buffer = memoryview(b"")
+        self._eof = False
+        self._thread = threading.Thread(target=self._pump, args=(first,), name=f"s3-read {url}", daemon=True)
+        self._thread.start()
+
+    def _pump(self, response: dict | None) -> None:
+        position, failures = 0, 0
+        while position < self.size and not self._stop.is_set():
+            try:
+                if response is None:
+                    response = self._client.get_object(
+                        Bucket=self.bucket, Key=self.key, Range=f"bytes={position}-", IfMatch=self.etag
+                    )
+                body = response["Body"]
+                try:
+                    while position < self.size:
+                        chunk = body.read(min(self.CHUNK, self.size - position))
+                        if not chunk:
+                            raise _ShortBody(f"connection ended at byte {position} of {self.size}")
+                        position += len(chunk)
+                        failures = 0
+                        if not self._put(chunk):
+                            return
+                finally:
+                    body.close()
+            except ClientError as err:
+                if _status(err) < 500:  # changed (412), deleted (404) or forbidden: re-opening will not help
+                    self._put(OSError(f"{self.url}: re-open at byte {position} failed: {_explain(err, self.url)}"))
+                    return
+                failures = self._failed(failures, position, err)
+                response = None
+            except _TRANSIENT as err:
+                failures = self._failed(failures, position, err)
+                response = None
+            if failures > _settings.reopen_attempts:
+                return
+        self._put(_EOF)
+
+    def _failed(self, failures: int, position: int, err: Exception) -> int:
+        failures += 1
+        if failures > _settings.reopen_attempts:
+            self._put(OSError(f"{self.url}: read failed {failures} times in a row at byte {position}: {err}"))
+            return failures
+        self.reopens += 1
+        STATS["reopens"] += 1
+        log.debug("%s: re-opening at byte %d after %s", self.url, position, err)
+        time.sleep(min(0.05 * 2**failures, 2.0))
+        return failures
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        while not self._buffer:
+            if self._eof:
+                return 0
+            item = self._queue.get()
+            if item is _EOF:
+                self._eof = True
+                return 0
+            if isinstance(item, BaseException):
+                raise item
+            self._buffer = memoryview(item)
+        n = min(len(b), len(self._buffer))
+        b[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        self._stop.set()
+        super().close()
+
+
+class S3Backend:
+    def open_read(self, url: str) -> BinaryIO:
+        return io.BufferedReader(S3Reader(url), buffer_size=S3Reader.CHUNK)
+
+    def _objects(self, url: str, delimiter: str | None) -> list[dict]:
+        bucket, key = split_url(url)
+        pattern = key if any(ch in key for ch in "*?[") else None
+        prefix = key.split("*")[0].split("?")[0].split("[")[0] if pattern else (key.rstrip("/") + "/" if key else "")
+        kwargs = {"Bucket": bucket, "Prefix": prefix} | ({"Delimiter": delimiter} if delimiter and not pattern else {})
+        objects: list[dict] = []
+        try:
+            for page in client().get_paginator("list_objects_v2").paginate(**kwargs):
+                objects.extend(page.get("Contents", []))
+        except (ClientError, NoCredentialsError) as err:
+            raise _explain(err, url) from err
+        if pattern:
+            objects = [o for o in objects if fnmatch.fnmatchcase(o["Key"], pattern)]
+        return objects
+
+    def list(self, url: str, suffix: str) -> list[str]:
+        bucket, _ = split_url(url)
+        return sorted(f"s3://{bucket}/{o['Key']}" for o in self._objects(url, "/") if o["Key"].endswith(suffix))
+
+    def walk(self, url: str) -> dict[str, int]:
+        _, key = split_url(url)
+        prefix = key.rstrip("/") + "/" if key else ""
+        return {o["Key"][len(prefix) :]: o["Size"] for o in self._objects(url, None)}
+
+    def head(self, url: str) -> dict[str, Any] | None:
+        """Size, ETag and user metadata of an object, or None if there is none."""
+        bucket, key = split_url(url)
+        try:
+            meta = client().head_object(Bucket=bucket, Key=key)
+        except ClientError as err:
+            if _status(err) == 404:
+                return None
+            raise _explain(err, url) from err
+        return {"bytes": meta["ContentLength"], "etag": meta["ETag"], "metadata": meta.get("Metadata", {})}
+
+    def exists(self, url: str) -> bool:
+        bucket, key = split_url(url)
+        if key and not key.endswith("/") and self.head(url) is not None:
+            return True
+        prefix = key.rstrip("/") + "/" if key else ""
+        try:
+            page = client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except (ClientError, NoCredentialsError) as err:
+            raise _explain(err, url) from err
+        return bool(page.get("KeyCount"))
+
+    def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
+        bucket, key = split_url(url)
+        extra = {"Metadata": metadata} if metadata else None
+        try:
+            client().upload_file(str(local), bucket, key, ExtraArgs=extra, Config=_transfer_config())
+        except (ClientError, NoCredentialsError) as err:
+            raise _explain(err, url) from err
+
+    def download(self, url: str, local: Path) -> None:
+        bucket, key = split_url(url)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        tmp = local.with_name(f".{local.name}.part")
+        try:
+            client().download_file(bucket, key, str(tmp), Config=_transfer_config())
+        except (ClientError, NoCredentialsError) as err:
+            raise _explain(err, url) from err
+        os.replace(tmp, local)
+
+    def delete(self, urls: list[str]) -> None:
+        by_bucket: dict[str, list[str]] = {}
+        for url in urls:
+            bucket, key = split_url(url)
+            by_bucket.setdefault(bucket, []).append(key)
+        for bucket, keys in by_bucket.items():
+            for start in range(0, len(keys), 1000):
+                batch = [{"Key": k} for k in keys[start : start + 1000]]
+                result = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+                if result.get("Errors"):
+                    raise OSError(f"s3://{bucket}: could not delete {result['Errors'][:3]}")
+
+    def abort_multipart_uploads(self, url: str) -> int:
+        """Abort unfinished multipart uploads under a prefix (left by a killed process); returns how many."""
+        bucket, key = split_url(url)
+        aborted = 0
+        for page in client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
+            for upload in page.get("Uploads", []):
+                client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                aborted += 1
+        return aborted
