@@ -13,14 +13,18 @@ from lightning.pytorch.callbacks import Checkpoint
 
 from sdtune.callbacks.ema import find_ema
 from sdtune.callbacks.sample_grid import samples_dir
+from sdtune.checkpoint.card import model_card
 from sdtune.checkpoint.layout import (
     TRAINING_STATE,
     checkpoint_tag,
     due,
     list_checkpoints,
+    read_manifest,
     verify_checkpoint,
     write_manifest,
 )
+from sdtune.checkpoint.publish import PUBLISH_LOG, Publisher
+from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
 from sdtune.fileio import fsync_dir
 
@@ -39,7 +43,18 @@ class PeriodicCheckpoint(Checkpoint):
     """Checkpoints in the layout of `sdtune.checkpoint.layout`; keeps the newest `keep_last` complete ones."""
 
     def __init__(
-        self, every_n_epochs: int = 1, every_n_train_steps: int = 0, keep_last: int = 3, dirpath: str | None = None
+        self,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int = 0,
+        keep_last: int = 3,
+        dirpath: str | None = None,
+        remote: str | None = None,
+        hub_repo: str | None = None,
+        hub_revision: str = "main",
+        hub_private: bool = True,
+        hub_weights_only: bool = False,
+        remote_keep_last: int = 3,
+        fail_on_publish_error: bool = True,
     ) -> None:
         """
         Args:
@@ -47,16 +62,40 @@ class PeriodicCheckpoint(Checkpoint):
             every_n_train_steps: Also save every N optimizer steps (0: never).
             keep_last: Complete checkpoints kept (at least 2, so a crash mid-write always leaves one).
             dirpath: Checkpoint folder (default: <trainer.default_root_dir>/checkpoints).
+            remote: Also publish every checkpoint here, e.g. `s3://bucket/runs/my-run/checkpoints` (R2 or S3);
+                `--resume auto` looks here too.
+            hub_repo: Also publish every checkpoint to this Hub model repo (`user/name`), one commit each.
+            hub_revision: Branch of `hub_repo` to commit to (created if missing).
+            hub_private: Create `hub_repo` as a private repo if it does not exist.
+            hub_weights_only: Push only weights, samples and manifest to the Hub (no training state; the Hub
+                copy then cannot be resumed from, `remote` can).
+            remote_keep_last: Complete checkpoints kept on each remote (the Hub keeps older ones in history).
+            fail_on_publish_error: End fit with an error if any publish failed after its retries.
         """
-        if keep_last < 2:
-            raise ValueError(f"PeriodicCheckpoint.keep_last: must be >= 2, got {keep_last}")
+        if keep_last < 2 or remote_keep_last < 1:
+            raise ValueError(
+                f"PeriodicCheckpoint: keep_last must be >= 2 and remote_keep_last >= 1, got {keep_last}, "
+                f"{remote_keep_last}"
+            )
         if every_n_epochs < 0 or every_n_train_steps < 0:
             raise ValueError("PeriodicCheckpoint: every_n_epochs and every_n_train_steps must be >= 0")
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.keep_last = keep_last
         self.dirpath = dirpath
+        self.remote = remote
+        self.hub = None
+        if hub_repo:
+            self.hub = HubRemote(hub_repo, hub_revision, remote_keep_last, hub_private, hub_weights_only)
+        self.remote_keep_last = remote_keep_last
+        self.fail_on_publish_error = fail_on_publish_error
         self.last_saved: Path | None = None
+        self.publisher: Publisher | None = None
+
+    def remotes(self) -> list[Remote]:
+        """Where checkpoints are published, in the order `--resume auto` looks after the local folder."""
+        found: list[Remote] = [StorageRemote(self.remote, self.remote_keep_last)] if self.remote else []
+        return found + ([self.hub] if self.hub else [])
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
@@ -71,6 +110,27 @@ class PeriodicCheckpoint(Checkpoint):
             for leftover in root.glob(".tmp-*"):  # writes cut short by a crash
                 log.warning("removing incomplete checkpoint write %s", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
+        if trainer.is_global_zero and self.remotes():
+            root.mkdir(parents=True, exist_ok=True)
+            self.publisher = Publisher(self.remotes(), root)
+            self.publisher.start()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.publisher is None:
+            return
+        waited = self.publisher.close()
+        log.info("waited %.1f s at the end of fit for the last checkpoint upload", waited)
+        failures, self.publisher = self.publisher.failures, None
+        if failures and self.fail_on_publish_error:
+            raise RuntimeError(
+                f"{failures} checkpoint publish(es) failed (see {PUBLISH_LOG} and the log); the local checkpoints "
+                "are complete. Fix the remote and rerun with --resume auto, or set fail_on_publish_error: false"
+            )
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.publisher is not None:  # fit ended with an error: still finish uploading what was saved
+            self.publisher.close()
+            self.publisher = None
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
@@ -98,6 +158,9 @@ class PeriodicCheckpoint(Checkpoint):
             fsync_dir(root)
             self._prune(root)
             log.info("checkpoint: %s", final)
+            if self.publisher is not None:
+                blocked = self.publisher.submit(final, self._card(trainer, pl_module, final))
+                pl_module.log("publish/blocked_s", blocked, rank_zero_only=True)
         trainer.strategy.barrier()
         self.last_saved = final
         return final
@@ -124,6 +187,11 @@ class PeriodicCheckpoint(Checkpoint):
             "config_hash": config_hash(trainer),
             "ema": find_ema(trainer) is not None,
         }
+
+    def _card(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> str:
+        hparams = dict(pl_module.hparams) | (dict(trainer.datamodule.hparams) if trainer.datamodule else {})
+        repo = self.hub.repo if self.hub else "checkpoints"
+        return model_card(repo, folder.name, read_manifest(folder), hparams, str(trainer.precision), trainer.world_size)
 
     def _prune(self, root: Path) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (size check only: cheap)."""

@@ -49,6 +49,12 @@ def checkpoint_tag(trainer: L.Trainer) -> str:
     return f"epoch={trainer.current_epoch:04d}-step={trainer.global_step:06d}"
 
 
+def parse_tag(name: str) -> tuple[int, int] | None:
+    """(step, epoch) of a checkpoint folder name, or None if it is not one."""
+    match = _TAG.match(name)
+    return (int(match[2]), int(match[1])) if match else None
+
+
 @dataclass(frozen=True)
 class CheckpointRef:
     path: Path
