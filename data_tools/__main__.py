@@ -1,13 +1,19 @@
-"""`python -m data_tools <command> --help`: synth, make_shards."""
+"""`python -m data_tools <command> --help`: synth, make_shards, upload, verify."""
+
+import logging
 
 from jsonargparse import auto_cli
 
 from data_tools.make_shards import make_shards
+from data_tools.remote import upload, verify
 from data_tools.synth import synth
 
 
 def main() -> None:
-    auto_cli([synth, make_shards], as_positional=False)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    auto_cli([synth, make_shards, upload, verify], as_positional=False)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,21 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 
-def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_stream(stream: BinaryIO, chunk_bytes: int = 1 << 20) -> tuple[str, int]:
+    """sha256 hex digest and byte count of everything left in `stream`."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := stream.read(chunk_bytes):
+        digest.update(chunk)
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def sha256_file(path: Path) -> str:
     with path.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_stream(f)[0]
 
 
 def fsync_dir(folder: Path) -> None:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,16 +54,81 @@ def train_command(config: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *extra]
 
 
-def train_env() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0"}
+def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {**os.environ, "WANDB_MODE": "offline", "PYTHONHASHSEED": "0", **(extra or {})}
 
 
-def run_train(config: Path, *extra: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_train(
+    config: Path, *extra: str, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        train_command(config, *extra), cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=timeout
+        train_command(config, *extra), cwd=REPO, env=train_env(env), capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def kill_when(config: Path, condition, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+    """Start training, SIGKILL it as soon as `condition()` holds (polled every 2 ms); returns its stderr."""
+    process = subprocess.Popen(
+        train_command(config, "--resume", "auto"), env=train_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            assert process.poll() is None, f"training ended before the kill: {process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "condition not reached in time"
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        return process.stderr.read().decode(errors="replace")
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "sdtune-test-key", "AWS_SECRET_ACCESS_KEY": "sdtune-test-secret"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A real S3 API (moto's server) on 127.0.0.1; returns its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    for name, value in S3_CREDENTIALS.items():
+        os.environ.setdefault(name, value)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket on the local S3 server (named after the test)."""
+    import boto3
+
+    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_endpoint(s3_server: str) -> Iterator[str]:
+    """Points sdtune's S3 settings at the local server for in-process tests."""
+    from sdtune.storage import s3
+
+    before = s3.settings()
+    s3.configure(endpoint_url=s3_server)
+    yield s3_server
+    s3.configure(before)
 
 
 def read_losses(run_dir: Path) -> dict[int, list[float]]:

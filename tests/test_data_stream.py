@@ -73,7 +73,7 @@ def write_bad_corpus(folder: Path, marker: Path) -> tuple[list[str], dict[str, i
                     sample["pyd"] = pickle.dumps(_Boom(str(marker)))
                     sample["pth"] = pickle.dumps(_Boom(str(marker)))
                 writer.write(sample)
-                valid.append(f"{folder / f'shard-{shard:06d}.tar'}/{key}")
+                valid.append(f"shard-{shard:06d}.tar/{key}")
             for reason, members in bad_samples[shard::2]:
                 writer.write({"__key__": f"bad{index:04d}", **members})
                 index += 1
@@ -88,7 +88,7 @@ def write_bad_corpus(folder: Path, marker: Path) -> tuple[list[str], dict[str, i
         cut = tar.getmember("t3.png").offset_data + 100  # inside the last sample's image
     (folder / "shard-000002.tar").write_bytes(data[:cut])
     whole.unlink()
-    valid += [f"{folder / 'shard-000002.tar'}/t{i}" for i in range(3)]
+    valid += [f"shard-000002.tar/t{i}" for i in range(3)]
     expected["truncated_shard"] = 1
     return valid, expected
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import shutil
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from tests.conftest import read_losses, run_train, train_command, train_config, train_env
+from tests.conftest import kill_when, read_losses, run_train, train_config
 
 pytestmark = pytest.mark.slow
 BATCHES_PER_EPOCH = 16  # 64 samples / batch 4 (2 workers x 8 batches)
@@ -24,24 +21,6 @@ def checkpoint_callback(every_n_train_steps: int) -> dict:
         "class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint",
         "init_args": {"every_n_epochs": 1, "every_n_train_steps": every_n_train_steps, "keep_last": 10},
     }
-
-
-def kill_when(config: Path, condition, timeout: float = 300) -> None:
-    """Start training and SIGKILL it as soon as `condition()` holds (polled every 2 ms)."""
-    process = subprocess.Popen(
-        train_command(config, "--resume", "auto"), env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + timeout
-    try:
-        while not condition():
-            assert process.poll() is None, f"training ended before the kill: {process.stderr.read()[-3000:]}"
-            assert time.monotonic() < deadline, "condition not reached in time"
-            time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
 
 
 def final_weights(run_dir: Path, step: int) -> dict:

@@ -148,8 +148,9 @@ class ShardStream(IterableDataset):
 
     def _decode(self, raw: RawSample) -> dict:
         # Augmentation randomness comes from the sample's identity, not from stream position, so a
-        # resumed stream transforms every sample exactly as an uninterrupted one would.
-        key = f"{raw['__shard__']}/{raw['__key__']}"
+        # resumed stream transforms every sample exactly as an uninterrupted one would. The shard's file
+        # name, not its URL, so the same dataset gives the same run from a local folder or from R2.
+        key = f"{raw['__shard__'].rsplit('/', 1)[-1]}/{raw['__key__']}"
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
         caption = decode_caption(raw)
         image = decode_image(raw, self.transform.limits)

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -337,16 +338,17 @@ class S3Backend:
         os.replace(tmp, local)
 
     def delete(self, urls: list[str]) -> None:
-        by_bucket: dict[str, list[str]] = {}
-        for url in urls:
+        # One DeleteObject per key, in parallel. Batch DeleteObjects always carries a checksum header
+        # (botocore marks it required), which R2 and other S3-compatible servers have refused.
+        def delete_one(url: str) -> None:
             bucket, key = split_url(url)
-            by_bucket.setdefault(bucket, []).append(key)
-        for bucket, keys in by_bucket.items():
-            for start in range(0, len(keys), 1000):
-                batch = [{"Key": k} for k in keys[start : start + 1000]]
-                result = client().delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
-                if result.get("Errors"):
-                    raise OSError(f"s3://{bucket}: could not delete {result['Errors'][:3]}")
+            try:
+                client().delete_object(Bucket=bucket, Key=key)
+            except ClientError as err:
+                raise _explain(err, url) from err
+
+        with ThreadPoolExecutor(max_workers=_settings.max_concurrency) as pool:
+            list(pool.map(delete_one, urls))
 
     def abort_multipart_uploads(self, url: str) -> int:
         """Abort unfinished multipart uploads under a prefix (left by a killed process); returns how many."""
