@@ -4,6 +4,7 @@
   500/503 for its first N attempts, then forwarded.
 - `cut_first_get`: the first plain GET of each object gets its full Content-Length header but only half
   its body; `"drop"` then resets the connection, `"short"` closes it cleanly.
+- `put_delay_s`: every PUT waits this long (to kill a process in the middle of an upload).
 - `r2_mode`: any request carrying `x-amz-checksum-*` or `x-amz-trailer` headers is answered 501
   NotImplemented, as R2 did when botocore started sending them by default.
 
@@ -16,6 +17,7 @@ import http.client
 import socket
 import struct
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,7 +32,10 @@ class Faults:
     cut_first_get: str | None = None  # "drop" or "short"
     cut_min_bytes: int = 2048
     r2_mode: bool = False
+    put_delay_s: float = 0.0  # slows every PUT (uploads), so a test can kill a process mid-upload
     counts: Counter = field(default_factory=Counter)
+    paths: list[str] = field(default_factory=list)  # "METHOD path" of every request
+    authorizations: set[str] = field(default_factory=set)
 
 
 def _error_xml(code: str, message: str) -> bytes:
@@ -71,6 +76,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _proxy(self) -> None:
         body = self._read_body()
         faults, counts = self.server.faults, self.server.faults.counts
+        faults.paths.append(f"{self.command} {self.path}")
+        faults.authorizations.add(self.headers.get("Authorization", ""))
         if faults.r2_mode and any(h.lower().startswith(("x-amz-checksum-", "x-amz-trailer")) for h in self.headers):
             counts["r2_rejected"] += 1
             self.close_connection = True
@@ -89,6 +96,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(status, _error_xml("SlowDown" if status == 503 else "InternalError", "injected"))
             return
 
+        if self.command == "PUT" and faults.put_delay_s:
+            time.sleep(faults.put_delay_s)
         upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=60)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
         upstream.request(self.command, self.path, body=body or None, headers=headers)
