@@ -122,13 +122,24 @@ class ShardStream(IterableDataset):
         return self.num_workers * self.batches_per_worker * self.batch_size
 
     def _read_shards(self, order: list[int], errors: dict[str, int]) -> Iterator[RawSample]:
-        for shard_id in order:
-            url = self.shard_urls[shard_id]
-            with storage.open_read(url) as stream:
-                reopens_before = errors.get("shard_reopen", 0)
-                for raw in iter_tar_samples(stream, url, WANTED_EXTS, errors):
-                    errors["shard_reopen"] = reopens_before + storage.reopen_count(stream)
-                    yield raw
+        urls = [self.shard_urls[i] for i in order]
+        # Remote shards: the next one is opened while this one is read, so its request latency is hidden.
+        upcoming = storage.open_read(urls[0]) if urls else None
+        try:
+            for index, url in enumerate(urls):
+                stream, upcoming = upcoming, None
+                if index + 1 < len(urls) and storage.is_remote(urls[index + 1]):
+                    upcoming = storage.open_read(urls[index + 1])
+                with stream:
+                    reopens_before = errors.get("shard_reopen", 0)
+                    for raw in iter_tar_samples(stream, url, WANTED_EXTS, errors):
+                        errors["shard_reopen"] = reopens_before + storage.reopen_count(stream)
+                        yield raw
+                if upcoming is None and index + 1 < len(urls):
+                    upcoming = storage.open_read(urls[index + 1])
+        finally:
+            if upcoming is not None:
+                upcoming.close()
 
     def _raw_stream(self, global_worker: int, errors: dict[str, int]) -> Iterator[RawSample]:
         """Raw samples of one reader: seeded passes over its shards, each through a seeded shuffle buffer."""
