@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 QS := data/quickstart
 
-.PHONY: setup quickstart test lint bench clean
+.PHONY: setup quickstart test lint bench bench-remote clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ test: lint
 
 bench: setup $(QS)/shards/manifest.json
 	$(BIN)/python -m sdtune.bench --config configs/quickstart.yaml
+
+# S3 loader vs local disk, and checkpoint-publish blocking time, against a local S3 server
+bench-remote: setup
+	$(BIN)/python -m sdtune.bench_remote
 
 clean:
 	rm -rf $(VENV) runs data

@@ -35,3 +35,14 @@ def test_bad_option_names_the_option(capsys: pytest.CaptureFixture[str]) -> None
         main(["fit", "--config", str(config), "--model.init_args.learnin_rate", "1e-4", "--print_config"])
     assert exit_info.value.code != 0
     assert "learnin_rate" in capsys.readouterr().err
+
+
+def test_vastai_script_checks_credentials_before_doing_anything(tmp_path: Path) -> None:
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "vastai_onstart.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    env = {"PATH": "/usr/bin:/bin", "SDTUNE_CONFIG": "configs/sd15_lora_r2.yaml", "SDTUNE_WORKDIR": str(tmp_path / "w")}
+    result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)
+    assert result.returncode == 2 and "AWS_ACCESS_KEY_ID is not set" in result.stderr
+    assert not (tmp_path / "w").exists()
