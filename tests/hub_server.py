@@ -145,8 +145,9 @@ class _Handler(BaseHTTPRequestHandler):
     def create_repo(self, query: dict) -> None:
         body = json.loads(self._body())
         repo_id = f"{body['organization']}/{body['name']}" if body.get("organization") else body["name"]
-        if repo_id in self.server.state.repos:
-            self._error(409, "RepoExists", "You already created this model repo")
+        if repo_id in self.server.state.repos:  # the Hub's 409 carries the repo URL, which the client reads
+            message = "You already created this model repo"
+            self._json({"error": message, "url": f"{self.server.url}/{repo_id}"}, 409, {"X-Error-Message": message})
             return
         self.server.state.new_repo(repo_id, body.get("type") or "model", bool(body.get("private")))
         self._json({"url": f"{self.server.url}/{repo_id}", "name": repo_id})

@@ -113,8 +113,8 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
 
 
-def test_hub_publishing_and_no_secrets_anywhere(
-    tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str
+def test_hub_publishing_resume_from_hub_and_no_secrets_anywhere(
+    tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str, local_reference: Path
 ) -> None:
     run_dir = tmp_path / "run"
     repo = "sdtune-tester/tiny-fine-tune"
@@ -163,6 +163,15 @@ def test_hub_publishing_and_no_secrets_anywhere(
         assert keys and not any(
             n in direct.get_object(Bucket=s3_bucket, Key=k)["Body"].read() for k in keys for n in needles
         )
+
+        # A new machine with only the Hub as remote resumes from the Hub's newest checkpoint, exactly.
+        fresh = tmp_path / "box2" / "run"
+        config2 = train_config(fresh, synth_shards, callbacks=[EMA, checkpoints(hub_repo=repo)], max_epochs=3)
+        resumed = run_train(config2, "--resume", "auto", env=env)
+        assert f"downloaded hf://{repo}@main/checkpoints/epoch=0001-step=000032" in resumed.stderr
+        expected, seen = read_losses(local_reference), read_losses(fresh)
+        assert sorted(seen) == list(range(32, FINAL_STEP))
+        assert all(seen[step] == [expected[step][0]] for step in seen)
     assert (
         subprocess.run(["grep", "-rl", SENTINELS["HF_TOKEN"], str(tmp_path / "hf")], capture_output=True).stdout == b""
     )
