@@ -109,9 +109,9 @@ def list_checkpoints(checkpoint_dir: Path) -> list[CheckpointRef]:
     refs = []
     if checkpoint_dir.is_dir():
         for path in checkpoint_dir.iterdir():
-            match = _TAG.match(path.name)
-            if match and path.is_dir():
-                refs.append(CheckpointRef(path, int(match[1]), int(match[2])))
+            key = parse_tag(path.name)
+            if key and path.is_dir():
+                refs.append(CheckpointRef(path, epoch=key[1], step=key[0]))
     return sorted(refs, key=lambda r: (r.step, r.epoch), reverse=True)
 
 

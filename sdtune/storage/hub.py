@@ -8,7 +8,6 @@ own single commit per checkpoint (`sdtune.checkpoint.publish`).
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -16,6 +15,8 @@ from typing import BinaryIO
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 from huggingface_hub.hf_api import RepoFile
+
+from sdtune.storage.local import copy_atomic
 
 _REPO_TYPES = {"datasets": "dataset", "spaces": "space"}
 
@@ -74,13 +75,16 @@ class HubBackend:
         except (RepositoryNotFoundError, RevisionNotFoundError) as err:
             raise _explain(err, url) from err
 
-    def open_read(self, url: str) -> BinaryIO:
+    def _cached(self, url: str) -> Path:
+        """The file, downloaded into huggingface_hub's cache (or found there)."""
         hub = parse_hub_url(url)
         try:
-            local = hf_hub_download(hub.repo_id, hub.path, repo_type=hub.repo_type, revision=hub.revision)
+            return Path(hf_hub_download(hub.repo_id, hub.path, repo_type=hub.repo_type, revision=hub.revision))
         except (RepositoryNotFoundError, RevisionNotFoundError, EntryNotFoundError) as err:
             raise _explain(err, url) from err
-        return open(local, "rb")
+
+    def open_read(self, url: str) -> BinaryIO:
+        return self._cached(url).open("rb")
 
     def list(self, url: str, suffix: str) -> list[str]:
         hub = parse_hub_url(url)
@@ -106,12 +110,7 @@ class HubBackend:
         )
 
     def download(self, url: str, local: Path) -> None:
-        with self.open_read(url) as src:
-            local.parent.mkdir(parents=True, exist_ok=True)
-            tmp = local.with_name(f".{local.name}.part")
-            with tmp.open("wb") as dst:
-                shutil.copyfileobj(src, dst)
-            tmp.replace(local)
+        copy_atomic(self._cached(url), local)
 
     def delete(self, urls: list[str]) -> None:
         hubs = [parse_hub_url(u) for u in urls]

@@ -34,17 +34,17 @@ class LocalBackend:
         return self.path(url).exists()
 
     def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
-        _copy_atomic(local, self.path(url))
+        copy_atomic(local, self.path(url))
 
     def download(self, url: str, local: Path) -> None:
-        _copy_atomic(self.path(url), local)
+        copy_atomic(self.path(url), local)
 
     def delete(self, urls: list[str]) -> None:
         for url in urls:
             self.path(url).unlink(missing_ok=True)
 
 
-def _copy_atomic(src: Path, dst: Path) -> None:
+def copy_atomic(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.part")
     shutil.copyfile(src, tmp)

@@ -232,29 +232,21 @@ class S3Reader(io.RawIOBase):
                             return
                 finally:
                     body.close()
-            except ClientError as err:
-                if _status(err) < 500:  # changed (412), deleted (404) or forbidden: re-opening will not help
+            except (ClientError, *_TRANSIENT) as err:
+                if isinstance(err, ClientError) and _status(err) < 500:
+                    # Changed (412), deleted (404) or forbidden: re-opening will not help.
                     self._put(OSError(f"{self.url}: re-open at byte {position} failed: {_explain(err, self.url)}"))
                     return
-                failures = self._failed(failures, position, err)
+                failures += 1
+                if failures > _settings.reopen_attempts:
+                    self._put(OSError(f"{self.url}: read failed {failures} times in a row at byte {position}: {err}"))
+                    return
+                self.reopens += 1
+                STATS["reopens"] += 1
+                log.debug("%s: re-opening at byte %d after %s", self.url, position, err)
+                time.sleep(min(0.05 * 2**failures, 2.0))
                 response = None
-            except _TRANSIENT as err:
-                failures = self._failed(failures, position, err)
-                response = None
-            if failures > _settings.reopen_attempts:
-                return
         self._put(_EOF)
-
-    def _failed(self, failures: int, position: int, err: Exception) -> int:
-        failures += 1
-        if failures > _settings.reopen_attempts:
-            self._put(OSError(f"{self.url}: read failed {failures} times in a row at byte {position}: {err}"))
-            return failures
-        self.reopens += 1
-        STATS["reopens"] += 1
-        log.debug("%s: re-opening at byte %d after %s", self.url, position, err)
-        time.sleep(min(0.05 * 2**failures, 2.0))
-        return failures
 
     def _put(self, item: Any) -> bool:
         while not self._stop.is_set():
