@@ -149,6 +149,7 @@ def test_remote_keeps_last_k_and_ignores_incomplete(tmp_path: Path, s3_endpoint:
     assert not s3.client().list_multipart_uploads(Bucket=s3_bucket).get("Uploads")
     assert remote.complete_tags() == []
     for step in (16, 32, 48):
-        remote.publish(_fake_checkpoint(tmp_path / "local", f"epoch=0000-step={step:06d}"), "card")
+        tag = f"epoch=0000-step={step:06d}"
+        remote.publish(_fake_checkpoint(tmp_path / "local", tag), tag, "card")
     assert remote.complete_tags() == ["epoch=0000-step=000048", "epoch=0000-step=000032"]
     assert {name.split("/")[0] for name in storage.walk(remote.url)} == set(remote.complete_tags())

@@ -110,9 +110,10 @@ class PeriodicCheckpoint(Checkpoint):
             for leftover in root.glob(".tmp-*"):  # writes cut short by a crash
                 log.warning("removing incomplete checkpoint write %s", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
-        if trainer.is_global_zero and self.remotes():
+        remotes = self.remotes()
+        if trainer.is_global_zero and remotes:
             root.mkdir(parents=True, exist_ok=True)
-            self.publisher = Publisher(self.remotes(), root)
+            self.publisher = Publisher(remotes, root)
             self.publisher.start()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

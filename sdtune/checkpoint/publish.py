@@ -27,7 +27,8 @@ PUBLISH_LOG = "publish_log.jsonl"
 
 @dataclass
 class _Job:
-    folder: Path
+    tag: str
+    folder: Path  # the hard-link snapshot
     card: str
 
 
@@ -36,7 +37,6 @@ class Publisher:
         self.remotes = remotes
         self.checkpoint_dir = checkpoint_dir
         self.failures = 0
-        self.published = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
         self._pending = 0
         self._done = threading.Condition()
@@ -59,7 +59,7 @@ class Publisher:
         shutil.copytree(folder, snapshot, copy_function=os.link)
         with self._done:
             self._pending += 1
-        self._queue.put(_Job(snapshot, card))  # waits while one upload runs and another is queued
+        self._queue.put(_Job(folder.name, snapshot, card))  # waits while one upload runs and another is queued
         blocked = time.monotonic() - start
         self._record({"event": "submit", "tag": folder.name, "blocked_s": blocked})
         return blocked
@@ -92,13 +92,12 @@ class Publisher:
                 self._done.notify_all()
 
     def _publish(self, remote: Remote, job: _Job) -> None:
-        tag = job.folder.name.removeprefix(".publish-")
+        tag = job.tag
         size = sum(p.stat().st_size for p in job.folder.rglob("*") if p.is_file())
         start = time.monotonic()
         error = None
         try:
-            remote.publish(job.folder, job.card)
-            self.published += 1
+            remote.publish(job.folder, tag, job.card)
         except Exception as err:  # a failed upload must not kill training: logged, counted
             self.failures += 1
             error = f"{type(err).__name__}: {err}"

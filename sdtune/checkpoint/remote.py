@@ -31,7 +31,7 @@ class Remote(Protocol):
 
     def prepare(self) -> None: ...
 
-    def publish(self, folder: Path, card: str) -> None: ...
+    def publish(self, folder: Path, tag: str, card: str) -> None: ...
 
     def complete_tags(self) -> list[str]: ...
 
@@ -81,8 +81,7 @@ class StorageRemote:
             if aborted:
                 log.warning("aborted %d unfinished multipart upload(s) under %s (from a killed run)", aborted, self.url)
 
-    def publish(self, folder: Path, card: str) -> None:
-        tag = folder.name.removeprefix(".publish-")
+    def publish(self, folder: Path, tag: str, card: str) -> None:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
         for path in files:
             storage.upload(path, storage.join(self.url, tag, str(path.relative_to(folder))))
@@ -159,10 +158,9 @@ class HubRemote:
     def complete_tags(self) -> list[str]:
         return complete_checkpoints(storage.walk(self.url))
 
-    def publish(self, folder: Path, card: str) -> None:
+    def publish(self, folder: Path, tag: str, card: str) -> None:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-        tag = folder.name.removeprefix(".publish-")
         files = sorted(p for p in folder.rglob("*") if p.is_file())
         if self.weights_only:
             files = [p for p in files if p.name != TRAINING_STATE]
