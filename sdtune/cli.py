@@ -3,21 +3,41 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from sdtune.callbacks.ema import EMA
+from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
 from sdtune.checkpoint.callback import PeriodicCheckpoint
 from sdtune.checkpoint.layout import CheckpointRef, find_latest_checkpoint, parse_tag, verify_checkpoint
 from sdtune.checkpoint.remote import Remote, fetch_checkpoint
+from sdtune.distributed import DistributedSettings, build_strategy, cluster_plugins, num_processes
 from sdtune.storage import s3
 from sdtune.storage.s3 import S3Settings
 
 log = logging.getLogger("sdtune")
 
 
-def newest_remote_checkpoint(remotes: list[Remote], checkpoint_dir: Path, newer_than: int) -> CheckpointRef | None:
-    """Download the newest complete remote checkpoint past step `newer_than` into `checkpoint_dir`, verified."""
+@dataclass(frozen=True)
+class ResumePlan:
+    """The checkpoint to resume from, and the remote it came from (None: it was on the local disk)."""
+
+    ref: CheckpointRef
+    remote_url: str | None = None
+
+
+def newest_remote_checkpoint(
+    remotes: list[Remote], checkpoint_dir: Path, newer_than: int, download: bool = True
+) -> ResumePlan | None:
+    """The newest complete remote checkpoint past step `newer_than`, downloaded into `checkpoint_dir` and verified.
+
+    With `download=False` (ranks other than 0) only the choice is made; rank 0 downloads, and the checkpoint
+    callback makes the ranks agree once the process group is up.
+    """
     candidates: list[tuple[tuple[int, int], str, Remote]] = []
     for remote in remotes:
         try:
@@ -27,31 +47,35 @@ def newest_remote_checkpoint(remotes: list[Remote], checkpoint_dir: Path, newer_
             continue
         candidates += [(key, tag, remote) for tag in tags if (key := parse_tag(tag)) and key[0] > newer_than]
     for (step, epoch), tag, remote in sorted(candidates, key=lambda c: c[0], reverse=True):
+        if not download:
+            return ResumePlan(CheckpointRef(checkpoint_dir / tag, epoch, step), remote.url)
         try:
             folder = fetch_checkpoint(remote.url, tag, checkpoint_dir)
         except Exception as err:  # a broken remote checkpoint: fall back to the next one
             log.warning("resume auto: %s/%s unusable (%s)", remote.url, tag, err)
             continue
         log.info("resume auto: downloaded %s/%s", remote.url, tag)
-        return CheckpointRef(folder, epoch, step)
+        return ResumePlan(CheckpointRef(folder, epoch, step), remote.url)
     return None
 
 
-def resolve_resume(resume: str, checkpoint_dir: Path, remotes: list[Remote] | None = None) -> CheckpointRef | None:
+def resolve_resume(
+    resume: str, checkpoint_dir: Path, remotes: list[Remote] | None = None, download: bool = True
+) -> ResumePlan | None:
     """`auto`: the newest complete checkpoint locally or on a remote (or none); `never`; or a folder to verify."""
     if resume == "never":
         return None
     if resume == "auto":
         ref = find_latest_checkpoint(checkpoint_dir)
-        remote_ref = newest_remote_checkpoint(remotes or [], checkpoint_dir, ref.step if ref else -1)
-        ref = remote_ref or ref
-        log.info("resume auto: %s", ref.path if ref else "no complete checkpoint locally or remotely, starting fresh")
-        return ref
+        plan = newest_remote_checkpoint(remotes or [], checkpoint_dir, ref.step if ref else -1, download)
+        plan = plan or (ResumePlan(ref) if ref else None)
+        log.info("resume auto: %s", plan.ref.path if plan else "no complete checkpoint locally or remotely")
+        return plan
     folder = Path(resume)
     problem = verify_checkpoint(folder) if folder.is_dir() else "not a folder"
     if problem:
         raise ValueError(f"--resume {resume}: {problem}; give a checkpoint folder, 'auto' or 'never'")
-    return CheckpointRef(folder, -1, -1)
+    return ResumePlan(CheckpointRef(folder, -1, -1))
 
 
 class SDTuneCLI(LightningCLI):
@@ -64,6 +88,33 @@ class SDTuneCLI(LightningCLI):
             "or give a checkpoint folder",
         )
         parser.add_dataclass_arguments(S3Settings, "s3")
+        parser.add_dataclass_arguments(DistributedSettings, "distributed")
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling."""
+        config = self.config_init[self.subcommand]
+        trainer_config = config["trainer"]
+        callbacks = list(trainer_config.get("callbacks") or [])
+        world_size = num_processes(
+            str(trainer_config.get("accelerator", "auto")),
+            trainer_config.get("devices", "auto"),
+            int(trainer_config.get("num_nodes", 1)),
+        )
+        settings = config["distributed"]
+        kwargs["strategy"] = build_strategy(
+            trainer_config.get("strategy", "auto"),
+            world_size,
+            settings if isinstance(settings, DistributedSettings) else DistributedSettings(**vars(settings)),
+            optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
+            uses_ema=any(isinstance(c, EMA) for c in callbacks),
+        )
+        plugins = trainer_config.get("plugins") or []
+        kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + cluster_plugins()
+        if any(isinstance(c, PeriodicCheckpoint) for c in callbacks) and not any(
+            isinstance(c, Preemption) for c in callbacks
+        ):
+            kwargs["callbacks"] = [*callbacks, Preemption()]
+        return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
         s3_settings = self.config_init["fit"]["s3"]
@@ -74,10 +125,24 @@ class SDTuneCLI(LightningCLI):
             if resume != "never":
                 raise ValueError("--resume needs a PeriodicCheckpoint callback in trainer.callbacks")
             return
-        ref = resolve_resume(resume, callback.checkpoint_dir(self.trainer), callback.remotes())
-        if ref is not None:
+        # Only rank 0 downloads a remote checkpoint; the others wait for it in the callback's setup.
+        download = self.trainer.global_rank == 0
+        plan = resolve_resume(resume, callback.checkpoint_dir(self.trainer), callback.remotes(), download)
+        if plan is not None:
+            callback.resume_from = (plan.ref.path.name, plan.remote_url)
             # Read by PeriodicCheckpoint's SafetensorsCheckpointIO: no pickle is loaded.
-            self.config_init["fit"]["ckpt_path"] = str(ref.training_state)
+            self.config_init["fit"]["ckpt_path"] = str(plan.ref.training_state)
+
+    def after_fit(self) -> None:
+        preemption = find_preemption(self.trainer)
+        if preemption is None or not preemption.preempted:
+            return
+        requeued = self.trainer.is_global_zero and preemption.requeue and requeue_slurm_job()
+        if not requeued:
+            log.warning(
+                "stopped after a preemption signal at step %d; rerun with --resume auto to continue",
+                preemption.stopped_at,
+            )
 
 
 def main(args: list[str] | None = None) -> SDTuneCLI:

@@ -7,9 +7,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import pytest
 import yaml
@@ -30,9 +32,22 @@ def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "shards"
 
 
-def train_config(run_dir: Path, shards: Path, *, callbacks: list[dict], **trainer: object) -> Path:
-    """The quickstart config with a CSV logger (losses per step), the given callbacks and trainer overrides."""
+def train_config(
+    run_dir: Path,
+    shards: Path,
+    *,
+    callbacks: list[dict],
+    data: dict | None = None,
+    model: dict | None = None,
+    **trainer: object,
+) -> Path:
+    """The quickstart config with a CSV logger (losses per step), the given callbacks, trainer overrides, and
+    `data`/`model` init_args overrides (`model` may carry a `class_path`)."""
     config = yaml.safe_load(QUICKSTART.read_text())
+    config["data"]["init_args"].update(data or {})
+    model = dict(model or {})
+    config["model"]["class_path"] = model.pop("class_path", config["model"]["class_path"])
+    config["model"]["init_args"].update(model)
     config["trainer"].update(
         default_root_dir=str(run_dir),
         logger={
@@ -69,22 +84,33 @@ def run_train(
 
 
 def kill_when(config: Path, condition, timeout: float = 300, env: dict[str, str] | None = None) -> str:
-    """Start training, SIGKILL it as soon as `condition()` holds (polled every 2 ms); returns its stderr."""
+    """Start training, SIGKILL it (and every rank it launched) as soon as `condition()` holds (polled every
+    2 ms); returns its stderr."""
+    stderr = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block a chatty run
     process = subprocess.Popen(
-        train_command(config, "--resume", "auto"), env=train_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        train_command(config, "--resume", "auto"),
+        env=train_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        start_new_session=True,  # its own process group: the kill reaches DDP's other ranks too
     )
     deadline = time.monotonic() + timeout
     try:
         while not condition():
-            assert process.poll() is None, f"training ended before the kill: {process.stderr.read()[-3000:]}"
+            assert process.poll() is None, f"training ended before the kill: {_read_back(stderr)[-3000:]}"
             assert time.monotonic() < deadline, "condition not reached in time"
             time.sleep(0.002)
-        process.send_signal(signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
-        return process.stderr.read().decode(errors="replace")
+        return _read_back(stderr)
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def _read_back(file: IO[bytes]) -> str:
+    file.seek(0)
+    return file.read().decode(errors="replace")
 
 
 def free_port() -> int:

@@ -47,8 +47,8 @@ def test_resume_option(tmp_path: Path) -> None:
     assert resolve_resume("never", tmp_path) is None
     assert resolve_resume("auto", tmp_path) is None  # nothing there yet: start fresh
     folder = make_checkpoint(tmp_path, 0, 10)
-    assert resolve_resume("auto", tmp_path).path == folder
-    assert resolve_resume(str(folder), tmp_path).training_state == folder / "training_state.safetensors"
+    assert resolve_resume("auto", tmp_path).ref.path == folder
+    assert resolve_resume(str(folder), tmp_path).ref.training_state == folder / "training_state.safetensors"
     broken = make_checkpoint(tmp_path, 0, 11, complete=False)
     with pytest.raises(ValueError, match="--resume .*no manifest.json"):
         resolve_resume(str(broken), tmp_path)

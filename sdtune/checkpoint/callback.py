@@ -24,8 +24,9 @@ from sdtune.checkpoint.layout import (
     write_manifest,
 )
 from sdtune.checkpoint.publish import PUBLISH_LOG, Publisher
-from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote
+from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote, fetch_checkpoint
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
+from sdtune.distributed import gather_objects, is_distributed
 from sdtune.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ class PeriodicCheckpoint(Checkpoint):
         self.fail_on_publish_error = fail_on_publish_error
         self.last_saved: Path | None = None
         self.publisher: Publisher | None = None
+        self.resume_from: tuple[str, str | None] | None = None  # (tag, remote URL or None), set by the CLI
+        self._save_requested = False
 
     def remotes(self) -> list[Remote]:
         """Where checkpoints are published, in the order `--resume auto` looks after the local folder."""
@@ -103,6 +106,36 @@ class PeriodicCheckpoint(Checkpoint):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Training state as safetensors + JSON (no pickle), for saving and for resuming.
         trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
+        if stage == "fit":
+            self._agree_on_resume(trainer)
+
+    def _agree_on_resume(self, trainer: L.Trainer) -> None:
+        """All ranks resume the same checkpoint, and every node has it on disk.
+
+        Rank 0 downloaded a remote checkpoint before fit started; the other ranks only listed the remotes
+        (see `sdtune.cli`). A node that does not share rank 0's disk fetches its own copy here.
+        """
+        tags = gather_objects(self.resume_from[0] if self.resume_from else None)
+        if any(tag != tags[0] for tag in tags):
+            raise RuntimeError(
+                f"ranks chose different checkpoints to resume from ({dict(enumerate(tags))}); a remote checkpoint "
+                "may have failed to download on rank 0 (see its log). Run again with --resume auto"
+            )
+        if self.resume_from is None or not is_distributed():
+            return
+        tag, remote_url = self.resume_from
+        folder = self.checkpoint_dir(trainer) / tag
+        trainer.strategy.barrier()  # rank 0's download (on a shared disk) is complete
+        if trainer.local_rank == 0 and not folder.is_dir():
+            if remote_url is None:
+                raise FileNotFoundError(f"rank {trainer.global_rank}: {folder} is missing on this node")
+            log.info("rank %d: this node lacks %s; fetching it from %s", trainer.global_rank, tag, remote_url)
+            fetch_checkpoint(remote_url, tag, folder.parent)
+        trainer.strategy.barrier()
+
+    def request_save(self) -> None:
+        """Save after the current step (the preemption callback asks for this on every rank)."""
+        self._save_requested = True
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = self.checkpoint_dir(trainer)
@@ -136,7 +169,8 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        if due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
+        if self._save_requested or due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
+            self._save_requested = False
             self.save(trainer, pl_module)
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
@@ -151,8 +185,9 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.save_checkpoint(
             tmp / TRAINING_STATE, weights_only=False
         )  # full state; every rank takes part; the strategy picks writers
+        unet = pl_module.unet_for_export()  # every rank: FSDP gathers the shards to rank 0 here
         if trainer.is_global_zero:
-            self._write_weights(trainer, pl_module, tmp, tag)
+            self._write_weights(trainer, pl_module, tmp, tag, unet)
             write_manifest(tmp, self._meta(trainer, pl_module))
             shutil.rmtree(final, ignore_errors=True)  # a broken folder of the same step (from a crash)
             tmp.rename(final)
@@ -166,12 +201,15 @@ class PeriodicCheckpoint(Checkpoint):
         self.last_saved = final
         return final
 
-    def _write_weights(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, tag: str) -> None:
-        pl_module.export_weights(folder)
+    def _write_weights(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, tag: str, unet: object
+    ) -> None:
+        pl_module.export_weights(folder, unet=unet)
         ema = find_ema(trainer)
         if ema is not None:
+            # EMA is refused with FSDP on several ranks (sdtune.distributed), so rank 0 alone may gather here.
             with ema.swapped_in(pl_module):
-                pl_module.export_weights(folder, suffix="_ema")
+                pl_module.export_weights(folder, suffix="_ema", unet=pl_module.unet_for_export())
         grid = samples_dir(trainer) / f"{tag}.png"
         if grid.is_file():
             shutil.copyfile(grid, folder / "samples.png")
@@ -199,3 +237,7 @@ class PeriodicCheckpoint(Checkpoint):
         complete = [ref for ref in list_checkpoints(root) if verify_checkpoint(ref.path, check_hashes=False) is None]
         for ref in complete[self.keep_last :]:
             shutil.rmtree(ref.path, ignore_errors=True)
+
+
+def find_checkpoint_callback(trainer: L.Trainer) -> PeriodicCheckpoint | None:
+    return next((cb for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from sdtune import storage
 from sdtune.data.decode import ImageLimits
+from sdtune.distributed import gather_objects
 from sdtune.data.manifest import read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
@@ -181,13 +182,16 @@ class ShardDataModule(L.LightningDataModule):
         }
 
     def state_dict(self) -> dict[str, Any]:
+        """The data position of every rank: each rank's readers are distinct global workers, so they merge."""
         p = self._progress
+        ranks = gather_objects((p.epoch, p.batches_done, dict(p.positions), dict(p.bad_counts)))
+        assert all(r[:2] == ranks[0][:2] for r in ranks), f"ranks out of step: {[r[:2] for r in ranks]}"
         return {
             "layout": self._layout(),
             "epoch": p.epoch,
             "batches_done": p.batches_done,
-            "positions": dict(p.positions),
-            "bad_counts": {k: list(v) for k, v in p.bad_counts.items()},
+            "positions": {k: v for r in ranks for k, v in r[2].items()},
+            "bad_counts": {k: list(v) for r in ranks for k, v in r[3].items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -198,9 +202,12 @@ class ShardDataModule(L.LightningDataModule):
                 "data: cannot resume exactly with a different data layout (" + ", ".join(changed) + "); "
                 "use the settings of the run you resume"
             )
+        num_readers = max(1, self.num_workers)
+        rank = self.trainer.global_rank if self.trainer else 0
+        mine = range(rank * num_readers, (rank + 1) * num_readers)  # this rank's global workers
         self._progress = EpochResume(
             epoch=state["epoch"],
             batches_done=state["batches_done"],
-            positions={int(k): v for k, v in state["positions"].items()},
-            bad_counts={int(k): list(v) for k, v in state["bad_counts"].items()},
+            positions={int(k): v for k, v in state["positions"].items() if int(k) in mine},
+            bad_counts={int(k): list(v) for k, v in state["bad_counts"].items() if int(k) in mine},
         )

@@ -10,8 +10,11 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
+from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from lightning.pytorch.strategies import FSDPStrategy
 
+from sdtune.distributed import flags_of_all_ranks, gather_objects
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
 from sdtune.models.lora import add_lora, save_lora
@@ -45,6 +48,7 @@ class SDFineTune(L.LightningModule):
         lr_scheduler: str = "constant_with_warmup",
         lr_warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 10,
         seed: int = 0,
     ) -> None:
         """
@@ -66,6 +70,8 @@ class SDFineTune(L.LightningModule):
             lr_scheduler: diffusers schedule name: constant, constant_with_warmup, linear, cosine, ...
             lr_warmup_steps: Linear warmup steps.
             gradient_checkpointing: Recompute UNet activations in backward to save memory.
+            max_nonfinite_steps: Steps with a NaN/inf loss (on any rank) are skipped on every rank; this many in
+                a row stop the run (the last checkpoint stays the last good one).
             seed: Seed of the noise and timesteps of every step (a function of seed, step and rank).
         """
         super().__init__()
@@ -73,6 +79,8 @@ class SDFineTune(L.LightningModule):
             raise ValueError(f"model.min_snr_gamma: must be > 0 or null, got {min_snr_gamma}")
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate: must be > 0, got {learning_rate}")
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"model.max_nonfinite_steps: must be >= 1, got {max_nonfinite_steps}")
         self.save_hyperparameters()
         parts = load_components(pretrained, revision)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
@@ -91,6 +99,9 @@ class SDFineTune(L.LightningModule):
             self.unet.enable_gradient_checkpointing()
         # The checkpoint keeps only trainable weights (frozen ones come from `pretrained`); see on_save_checkpoint.
         self.strict_loading = False
+        self.num_nonfinite_skipped = 0
+        self.num_nonfinite_in_a_row = 0
+        self.skip_update = False
 
     # ---- parameters -------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -144,8 +155,41 @@ class SDFineTune(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.step_generator())
+        self.skip_update = self.skip_nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.skip_update:
+            # Lightning refuses a skipped training_step under DDP, so backward runs (its gradient all-reduce
+            # keeps the ranks in step) and the gradients are dropped here: AdamW leaves a parameter without a
+            # gradient untouched (no update, no weight decay, no moment change).
+            optimizer.zero_grad(set_to_none=True)
+
+    def skip_nonfinite(self, loss: torch.Tensor) -> bool:
+        """True when the loss is NaN/inf on any rank: then every rank skips this step; counted and bounded."""
+        flags = flags_of_all_ranks(not bool(torch.isfinite(loss).all()), self.device)
+        if not any(flags):
+            self.num_nonfinite_in_a_row = 0
+            return False
+        self.num_nonfinite_skipped += 1
+        self.num_nonfinite_in_a_row += 1
+        bad_ranks = [rank for rank, flag in enumerate(flags) if flag]
+        log.warning(
+            "rank %d: step %d skipped on every rank: non-finite loss on rank(s) %s (%d in a row, %d in total)",
+            self.global_rank,
+            self.global_step,
+            bad_ranks,
+            self.num_nonfinite_in_a_row,
+            self.num_nonfinite_skipped,
+        )
+        self.log("train/nonfinite_skipped", float(self.num_nonfinite_skipped), on_step=True, rank_zero_only=True)
+        if self.num_nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            raise RuntimeError(
+                f"{self.num_nonfinite_in_a_row} non-finite losses in a row (model.max_nonfinite_steps); stopping. "
+                "The last checkpoint predates them: lower model.learning_rate or check the data, then resume"
+            )
+        return True
 
     # ---- optimizer --------------------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -180,12 +224,15 @@ class SDFineTune(L.LightningModule):
         trainable = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         np_state = np.random.get_state()
-        checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        # NumPy arrays, not tensors: they cross ranks through all_gather_object and are stored as safetensors.
+        rng_states = {
+            "torch": torch.get_rng_state().numpy(),
+            "cuda": [s.numpy() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].copy(), *np_state[2:]],
             "python": random.getstate(),
         }
+        checkpoint["rng_states"] = gather_objects(rng_states)  # every rank's, in rank order
+        checkpoint["nonfinite"] = {"skipped": self.num_nonfinite_skipped, "in_a_row": self.num_nonfinite_in_a_row}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         missing = set(self.trainable_parameters()) - set(checkpoint["state_dict"])
@@ -194,19 +241,47 @@ class SDFineTune(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trainable weight(s) (e.g. {sorted(missing)[0]}); "
                 "was it written with another model.train_mode or LoRA setting?"
             )
+        nonfinite = checkpoint.get("nonfinite", {"skipped": 0, "in_a_row": 0})
+        self.num_nonfinite_skipped, self.num_nonfinite_in_a_row = nonfinite["skipped"], nonfinite["in_a_row"]
         states = checkpoint.get("rng_states")
+        if isinstance(states, list):  # one per rank; the data layout check refuses a different world size
+            states = states[self.global_rank] if self.global_rank < len(states) else states[0]
         if states:
-            torch.set_rng_state(states["torch"])
+            torch.set_rng_state(torch.as_tensor(states["torch"]))
             if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
+                torch.cuda.set_rng_state_all([torch.as_tensor(s) for s in states["cuda"]])
             kind, keys, *rest = states["numpy"]
-            np.random.set_state((kind, keys.numpy(), *rest))
+            np.random.set_state((kind, np.asarray(keys), *rest))
             random.setstate(states["python"])
 
-    def export_weights(self, folder: Path, suffix: str = "") -> list[Path]:
-        """Write the trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors)."""
+    def unet_for_export(self) -> UNet2DConditionModel | None:
+        """The UNet with full weights: `self.unet`, or under FSDP a CPU copy on rank 0 (None on other ranks).
+
+        Under FSDP every rank must call this: the shards are gathered with a collective.
+        """
+        strategy = self.trainer.strategy
+        if not isinstance(strategy, FSDPStrategy):
+            return self.unet
+        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
+            state = strategy.model.state_dict()
+        if not self.trainer.is_global_zero:
+            return None
+        unet = UNet2DConditionModel.from_config(self.unet.config)
         if self.hparams.train_mode == "lora":
-            return [save_lora(self.unet, folder / f"lora{suffix}")]
+            hp = self.hparams
+            add_lora(unet, hp.lora_rank, hp.lora_alpha or hp.lora_rank, list(hp.lora_targets))
+        unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+        return unet
+
+    def export_weights(self, folder: Path, suffix: str = "", unet: UNet2DConditionModel | None = None) -> list[Path]:
+        """Write the trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors)."""
+        unet = unet if unet is not None else self.unet
+        if self.hparams.train_mode == "lora":
+            return [save_lora(unet, folder / f"lora{suffix}")]
         target = folder / f"unet{suffix}"
-        self.unet.save_pretrained(target, safe_serialization=True)
+        unet.save_pretrained(target, safe_serialization=True)
         return [target]

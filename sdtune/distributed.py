@@ -1,0 +1,125 @@
+"""The distributed strategy, chosen in one place, and the few collectives the training code needs.
+
+`build_strategy` turns `trainer.strategy` (auto / ddp / fsdp), the device and node counts and the
+`distributed:` config section into a Lightning strategy and cluster plugins. The helpers below it are
+no-ops in a single process, so the training code calls them unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+
+STRATEGIES = ("auto", "ddp", "fsdp")
+
+
+@dataclass
+class DistributedSettings:
+    """How several processes train together (the `distributed:` config section)."""
+
+    fsdp_sharding: Literal["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"] = "FULL_SHARD"
+    """FSDP sharding: FULL_SHARD (params, grads, optimizer), SHARD_GRAD_OP, HYBRID_SHARD (full within a node)."""
+    fsdp_state_dict: Literal["full", "sharded"] = "full"
+    """FSDP training state in checkpoints: one consolidated file (rank 0) or one shard per rank."""
+    fsdp_cpu_offload: bool = False
+    """Keep FSDP parameters on the CPU between uses (slower; for models that do not fit otherwise)."""
+    ddp_find_unused_parameters: bool = False
+    """DDP: search the graph for unused parameters each step (only needed for conditional architectures)."""
+    timeout_s: int = 1800
+    """Seconds a collective may wait for the slowest rank before the job fails (checkpoint writes included)."""
+
+
+def wrapped_block_types() -> set[type[torch.nn.Module]]:
+    """FSDP wraps each UNet transformer and ResNet block as one unit (the same blocks diffusers checkpoints)."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return {BasicTransformerBlock, ResnetBlock2D}
+
+
+def num_processes(accelerator: str, devices: Any, num_nodes: int) -> int:
+    """The world size these trainer settings give (under SLURM: the job's task count)."""
+    if SLURMEnvironment.detect() and "SLURM_NTASKS" in os.environ:
+        return int(os.environ["SLURM_NTASKS"])
+    if isinstance(devices, list | tuple):
+        per_node = len(devices)
+    elif str(devices) in ("auto", "-1"):
+        use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        per_node = torch.cuda.device_count() if use_cuda else 1
+    else:
+        per_node = int(str(devices).rstrip(","))
+    return per_node * num_nodes
+
+
+def build_strategy(
+    choice: Any,
+    world_size: int,
+    settings: DistributedSettings,
+    *,
+    optimizer: str = "adamw",
+    uses_ema: bool = False,
+) -> Strategy | str:
+    """The Lightning strategy for `trainer.strategy` = auto | ddp | fsdp; refuses combinations that do not work."""
+    if choice not in STRATEGIES:
+        raise ValueError(f"trainer.strategy: {choice!r} is not supported; choose one of {', '.join(STRATEGIES)}")
+    timeout = timedelta(seconds=settings.timeout_s)
+    if choice == "fsdp":
+        if optimizer == "adamw8bit":
+            raise ValueError(
+                "model.optimizer: adamw8bit (bitsandbytes) does not support FSDP's sharded parameters; "
+                "use optimizer: adamw with FSDP, or trainer.strategy: ddp with adamw8bit"
+            )
+        if uses_ema and world_size > 1:
+            raise ValueError(
+                "EMA with trainer.strategy: fsdp on several processes is not supported (each rank holds only its "
+                "shard of the weights); use trainer.strategy: ddp, or remove the EMA callback"
+            )
+        return FSDPStrategy(
+            auto_wrap_policy=wrapped_block_types(),
+            sharding_strategy=settings.fsdp_sharding,
+            state_dict_type=settings.fsdp_state_dict,
+            cpu_offload=settings.fsdp_cpu_offload,
+            timeout=timeout,
+        )
+    if choice == "ddp" or world_size > 1:
+        return DDPStrategy(
+            find_unused_parameters=settings.ddp_find_unused_parameters, gradient_as_bucket_view=True, timeout=timeout
+        )
+    return "auto"
+
+
+def cluster_plugins() -> list[Any]:
+    """Under SLURM, Lightning's own requeue handler (which saves inside the signal handler) is switched off:
+    `sdtune.callbacks.preemption.Preemption` saves at a step boundary and requeues instead."""
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
+# ---- collectives (no-ops in one process) ------------------------------------------------------------------
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
+    """Every rank's boolean, in rank order (one small all-gather): lets all ranks take the same decision."""
+    if not is_distributed():
+        return [flag]
+    local = torch.tensor([int(flag)], device=device)
+    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, local)
+    return [bool(t.item()) for t in gathered]

@@ -1,0 +1,58 @@
+"""Test-only instruments for multi-process runs, loaded by train.py through `class_path` in test configs.
+
+`KeyRecorder` writes which samples each rank trained on at each step; `RankFingerprint` writes a hash of
+each rank's trainable weights at the end of fit; `NaNOnRank` makes one rank's loss NaN at chosen steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from sdtune.models import SDFineTune
+
+
+class KeyRecorder(Callback):
+    """Appends `<global_step> <sample key>` per trained sample to `<out_dir>/keys-rank<r>.txt`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with (self.out_dir / f"keys-rank{trainer.global_rank}.txt").open("a") as f:
+            f.writelines(f"{trainer.global_step} {key}\n" for key in batch["key"])
+
+
+class RankFingerprint(Callback):
+    """Writes sha256 of this rank's trainable weights to `<out_dir>/weights-rank<r>.txt` at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        digest = hashlib.sha256()
+        for name, param in sorted(pl_module.trainable_parameters().items()):
+            digest.update(name.encode() + param.detach().cpu().numpy().tobytes())
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"weights-rank{trainer.global_rank}.txt").write_text(digest.hexdigest())
+
+
+class NaNOnRank(SDFineTune):
+    """SDFineTune whose loss is NaN on rank `nan_rank` at the steps in `nan_steps`."""
+
+    def __init__(self, *args: Any, nan_rank: int = 1, nan_steps: tuple[int, ...] = (), **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nan_rank = nan_rank
+        self.nan_steps = set(nan_steps)
+
+    def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+        loss = super().compute_loss(batch, generator)
+        if self.global_rank == self.nan_rank and self.global_step in self.nan_steps:
+            return loss * torch.nan
+        return loss
