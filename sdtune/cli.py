@@ -137,8 +137,9 @@ class SDTuneCLI(LightningCLI):
         preemption = find_preemption(self.trainer)
         if preemption is None or not preemption.preempted:
             return
-        requeued = self.trainer.is_global_zero and preemption.requeue and requeue_slurm_job()
-        if not requeued:
+        if not self.trainer.is_global_zero:
+            return
+        if not (preemption.requeue and requeue_slurm_job()):
             log.warning(
                 "stopped after a preemption signal at step %d; rerun with --resume auto to continue",
                 preemption.stopped_at,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import signal
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -33,6 +34,13 @@ class _EpochLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         self._start_epoch()
         return super().__iter__()
+
+
+def _ignore_preemption_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGUSR1/SIGTERM: SLURM signals every process of a job step, and a worker
+    killed by the signal would end the fit before the training process can write its checkpoint."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _dataset_url(shards: str) -> str:
@@ -155,6 +163,7 @@ class ShardDataModule(L.LightningDataModule):
             persistent_workers=False,  # workers must re-read the epoch and resume point each epoch
             pin_memory=torch.cuda.is_available(),
             prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=_ignore_preemption_signals,
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
