@@ -12,6 +12,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdtune.models import tiny
 
 TINY_PRESET = "tiny"
+# SD 1.5's architecture with random weights: real GPU throughput and memory without downloading weights.
+SD15_SHAPED_PRESET = "sd15-random"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -58,7 +60,7 @@ def build_pipeline(
 
 
 def _check_source(pretrained: str) -> None:
-    if pretrained == TINY_PRESET or Path(pretrained).is_dir():
+    if pretrained in (TINY_PRESET, SD15_SHAPED_PRESET) or Path(pretrained).is_dir():
         return
     if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
         raise ValueError(
@@ -79,6 +81,15 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
             unet=tiny.tiny_unet(),
             vae=tiny.tiny_vae(),
             text_encoder=tiny.tiny_text_encoder(tokenizer),
+            tokenizer=tokenizer,
+            noise_scheduler=tiny.tiny_scheduler(),
+        )
+    if pretrained == SD15_SHAPED_PRESET:
+        tokenizer = tiny.tiny_tokenizer()
+        return SDComponents(
+            unet=tiny.sd15_shaped_unet(),
+            vae=tiny.sd15_shaped_vae(),
+            text_encoder=tiny.sd15_shaped_text_encoder(tokenizer),
             tokenizer=tokenizer,
             noise_scheduler=tiny.tiny_scheduler(),
         )

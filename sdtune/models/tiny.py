@@ -140,3 +140,40 @@ def tiny_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
         clip_sample=False,
         steps_offset=1,
     )
+
+
+def sd15_shaped_unet() -> UNet2DConditionModel:
+    """SD 1.5's UNet architecture (860M parameters), random init: for GPU throughput and memory figures."""
+    torch.manual_seed(TINY_SEED)
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def sd15_shaped_vae() -> AutoencoderKL:
+    torch.manual_seed(TINY_SEED)
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
+    )
+
+
+def sd15_shaped_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """CLIP ViT-L/14's text tower shape (12 layers, width 768) over the tiny tokenizer's vocabulary."""
+    torch.manual_seed(TINY_SEED)
+    config = CLIPTextConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_size=768,
+        intermediate_size=3072,
+        num_attention_heads=12,
+        num_hidden_layers=12,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=77,
+        hidden_act="quick_gelu",
+    )
+    return CLIPTextModel(config)
