@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 QS := data/quickstart
 
-.PHONY: setup quickstart test lint bench bench-remote clean
+.PHONY: setup system-deps quickstart test lint bench bench-remote clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,7 +29,16 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# The SLURM tests start a real one-node cluster: Debian's slurm-wlm and munge (installed here when root;
+# without them those tests are skipped with the reason).
+system-deps:
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing slurm-wlm and munge for the SLURM tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
+	else echo "slurm-wlm/munge missing and not root: the SLURM tests will be skipped"; fi
+
+test: lint system-deps
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
 
 bench: setup $(QS)/shards/manifest.json

@@ -1,4 +1,4 @@
-"""`python -m data_tools <command> --help`: synth, make_shards, upload, verify."""
+"""`python -m data_tools <command> --help`: synth, make_shards, upload, verify, subsets."""
 
 import logging
 
@@ -6,6 +6,7 @@ from jsonargparse import auto_cli
 
 from data_tools.make_shards import make_shards
 from data_tools.remote import upload, verify
+from data_tools.subsets import subsets
 from data_tools.synth import synth
 
 
@@ -13,7 +14,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "httpx", "httpx2"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    auto_cli([synth, make_shards, upload, verify], as_positional=False)
+    auto_cli([synth, make_shards, upload, verify, subsets], as_positional=False)
 
 
 if __name__ == "__main__":

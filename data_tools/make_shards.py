@@ -17,12 +17,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
+from data_tools.shard_sink import ShardSink
 from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
-from sdtune.data.manifest import DatasetManifest, ShardEntry
-from sdtune.fileio import sha256_file
+from sdtune.data.manifest import DatasetManifest
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -99,46 +98,30 @@ def make_shards(
     min_side = resolution // 2 if min_image_side is None else min_image_side
     jobs = [(path, caption, resolution, min_side) for path, caption in inputs]
     skipped: Counter[str] = Counter()
-    shards: list[ShardEntry] = []
-    writer: wds.TarWriter | None = None
-    num_in_shard, num_written = 0, 0
-
-    def close_shard() -> None:
-        assert writer is not None
-        writer.close()
-        tmp = out / f".{len(shards):06d}.tar.tmp"
-        final = out / f"shard-{len(shards):06d}.tar"
-        tmp.replace(final)
-        shards.append(ShardEntry(final.name, num_in_shard, sha256_file(final), final.stat().st_size))
-
+    sink = ShardSink(out, samples_per_shard, resolution)
+    num_written = 0
     with Pool(num_workers) if num_workers > 1 else _Serial() as pool:
         for (path, _, _, _), result in zip(jobs, pool.imap(_prepare, jobs, chunksize=8), strict=True):
             if isinstance(result, str):
                 skipped[result] += 1
                 log.info("skipped %s: %s", path, result)
                 continue
-            if writer is None:
-                writer = wds.TarWriter(str(out / f".{len(shards):06d}.tar.tmp"))
-                num_in_shard = 0
             jpeg, caption = result
-            key = f"{num_written:09d}"
             source_name = str(path.relative_to(source)) if source.is_dir() else str(path)
-            writer.write(
-                {"__key__": key, "jpg": jpeg, "txt": caption, "json": {"caption": caption, "source": source_name}}
+            sink.write(
+                {
+                    "__key__": f"{num_written:09d}",
+                    "jpg": jpeg,
+                    "txt": caption,
+                    "json": {"caption": caption, "source": source_name},
+                }
             )
-            num_in_shard += 1
             num_written += 1
-            if num_in_shard == samples_per_shard:
-                close_shard()
-                writer = None
-    if writer is not None:
-        close_shard()
-    if not shards:
+    if num_written == 0:
         raise ValueError(f"make_shards: no usable image in {source} (skipped: {dict(skipped)})")
-    manifest = DatasetManifest(shards=shards, resolution=resolution, skipped=dict(skipped))
-    manifest.write(out)
+    manifest = sink.close(dict(skipped))
     print(
-        f"wrote {num_written} samples in {len(shards)} shards to {out}; skipped {sum(skipped.values())}: "
+        f"wrote {num_written} samples in {len(manifest.shards)} shards to {out}; skipped {sum(skipped.values())}: "
         f"{dict(sorted(skipped.items()))}"
     )
     return manifest

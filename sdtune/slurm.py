@@ -1,4 +1,4 @@
-"""`python -m sdtune.slurm render <template> --config X.yaml ...`: fill a shipped sbatch template from slurm/.
+"""`python -m sdtune.slurm render <template> <config.yaml> --nodes N ...`: fill a shipped sbatch template.
 
 The templates hold everything that must be right for preemption and requeue (`--signal=B:USR1@<s>`,
 `--requeue`, the USR1 forwarding in slurm/launch.sh, `--resume auto`); this command fills in only the
@@ -29,7 +29,7 @@ def fill(text: str, values: dict[str, str]) -> str:
 
 def render(
     template: Template,
-    config: str,
+    train_config: str,
     time: str = "24:00:00",
     nodes: int = 1,
     gpus_per_node: int = 8,
@@ -52,7 +52,7 @@ def render(
 
     Args:
         template: single_node, multi_node_ddp, multi_node_fsdp, or sweep_array (one array task per sweep run).
-        config: The training config (for sweep_array: any; the plan names each run's config).
+        train_config: The training config (sweep_array: the plan's base config; the plan names each run's).
         time: Time limit, [D-]HH:MM:SS.
         nodes: Nodes (single_node: 1).
         gpus_per_node: GPUs per node (0 for CPU-only tasks, as in the local test cluster).
@@ -71,9 +71,9 @@ def render(
         plan: sweep_array: the sweep plan (python -m sdtune.sweep plan ...).
         out: Where to write the script (default: <log_dir>/<job_name>.sbatch).
     """
-    config_path = Path(config)
+    config_path = Path(train_config)
     if not config_path.is_file():
-        raise ValueError(f"--config: {config} is not a file")
+        raise ValueError(f"train_config: {train_config} is not a file")
     if not _TIME.match(time):
         raise ValueError(f"--time: {time!r} is not [D-]HH:MM:SS")
     if nodes < 1 or gpus_per_node < 0 or cpus_per_task < 1 or signal_seconds < 30:
@@ -121,7 +121,7 @@ def render(
 
 
 def main() -> None:
-    auto_cli([render], as_positional=True)
+    auto_cli({"render": render}, as_positional=True)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import os
 import signal
@@ -73,6 +74,7 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         min_image_side: int | None = None,
         max_image_pixels: int = 64_000_000,
+        val_shards: str | None = None,
     ) -> None:
         """
         Args:
@@ -87,6 +89,8 @@ class ShardDataModule(L.LightningDataModule):
             seed: Seed of shard order, shuffle buffer and augmentations.
             min_image_side: Skip images whose shorter side is smaller (default: resolution // 2).
             max_image_pixels: Skip images with more pixels than this (decompression-bomb guard).
+            val_shards: Held-out shards for `val/loss` (center crop, no flip, no caption dropout, same
+                samples, noise and timesteps in every run, so runs can be compared).
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("resolution", resolution), ("shuffle_buffer", shuffle_buffer)):
@@ -110,11 +114,14 @@ class ShardDataModule(L.LightningDataModule):
             flip_prob=flip_prob,
             caption_dropout=caption_dropout,
         )
+        self.val_shards = val_shards
+        self.val_transform = dataclasses.replace(self.transform, random_crop=False, flip_prob=0.0, caption_dropout=0.0)
         self.train_stream: ShardStream | None = None
+        self.val_stream: ShardStream | None = None
         self._progress = EpochResume(epoch=0, batches_done=0)
 
-    def _shard_counts(self, urls: list[str]) -> list[int]:
-        dataset_url = _dataset_url(self.shards)
+    def _shard_counts(self, urls: list[str], spec: str) -> list[int]:
+        dataset_url = _dataset_url(spec)
         manifest = read_manifest(dataset_url)
         counts = manifest.counts_by_name() if manifest else {}
         missing = [u for u in urls if os.path.basename(u) not in counts]
@@ -123,19 +130,27 @@ class ShardDataModule(L.LightningDataModule):
                         len(missing), dataset_url)
         return [counts.get(os.path.basename(u)) or _count_samples(u) for u in urls]
 
-    def setup(self, stage: str) -> None:
-        if self.train_stream is not None:
-            return
-        urls = storage.expand_urls(self.shards)
+    def _stream(self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any) -> ShardStream:
+        urls = storage.expand_urls(spec)
         if not urls:
-            raise ValueError(f"data.shards: no .tar shards match {self.shards!r}; check the path or pattern")
+            raise ValueError(f"data.{option}: no .tar shards match {spec!r}; check the path or pattern")
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        self.train_stream = ShardStream(
-            urls, self._shard_counts(urls), self.batch_size, self.num_workers, rank, world_size,
-            self.transform, seed=self.seed, shuffle_buffer=self.shuffle_buffer,
+        return ShardStream(
+            urls, self._shard_counts(urls, spec), self.batch_size, num_workers, rank, world_size, transform,
+            seed=self.seed, **kwargs,
         )
-        log.info("data: %d shards, %d batches per epoch per device", len(urls), len(self.train_stream) // self.batch_size)
+
+    def setup(self, stage: str) -> None:
+        if self.train_stream is None:
+            self.train_stream = self._stream(
+                self.shards, "shards", self.transform, self.num_workers, shuffle_buffer=self.shuffle_buffer
+            )
+            num_batches = len(self.train_stream) // self.batch_size
+            log.info("data: %d shards, %d batches per epoch per device", len(self.train_stream.shard_urls), num_batches)
+        if self.val_shards and self.val_stream is None:
+            # One reader per rank, in the training process, no shuffle: the same batches in every run.
+            self.val_stream = self._stream(self.val_shards, "val_shards", self.val_transform, 0, shuffle_buffer=1)
 
     def _start_epoch(self) -> None:
         """Called each time the loader is iterated: continue the current epoch or start the next one.
@@ -166,8 +181,15 @@ class ShardDataModule(L.LightningDataModule):
             worker_init_fn=_ignore_preemption_signals,
         )
 
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_stream is None:
+            return []
+        return DataLoader(self.val_stream, batch_size=self.batch_size, num_workers=0)
+
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record where the batch's reader stood; runs on each batch just before its training step."""
+        if self.trainer is not None and not self.trainer.training:
+            return {k: v for k, v in batch.items() if k not in _META_KEYS}
         if isinstance(batch, dict) and "data_worker" in batch:
             worker = int(batch["data_worker"][-1])
             self._progress.positions[worker] = int(batch["data_position"][-1])

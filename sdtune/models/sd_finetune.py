@@ -22,6 +22,9 @@ from sdtune.models.lora import add_lora, save_lora
 log = logging.getLogger(__name__)
 
 
+_VAL_SEED = 20_231_117  # validation noise does not depend on model.seed: runs with other seeds compare too
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
@@ -157,6 +160,13 @@ class SDFineTune(L.LightningModule):
         loss = self.compute_loss(batch, self.step_generator())
         self.skip_update = self.skip_nonfinite(loss)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss on held-out data with noise and timesteps fixed per (batch, rank): comparable across runs."""
+        seed = int(np.random.SeedSequence([_VAL_SEED, batch_idx, self.global_rank]).generate_state(1)[0])
+        loss = self.compute_loss(batch, torch.Generator(device=self.device).manual_seed(seed))
+        self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["caption"]))
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
