@@ -105,6 +105,7 @@ class SDTuneCLI(LightningCLI):
             trainer_config.get("strategy", "auto"),
             world_size,
             settings if isinstance(settings, DistributedSettings) else DistributedSettings(**vars(settings)),
+            accelerator=str(trainer_config.get("accelerator", "auto")),
             optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
             uses_ema=any(isinstance(c, EMA) for c in callbacks),
         )

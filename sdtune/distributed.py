@@ -63,6 +63,7 @@ def build_strategy(
     world_size: int,
     settings: DistributedSettings,
     *,
+    accelerator: str = "auto",
     optimizer: str = "adamw",
     uses_ema: bool = False,
 ) -> Strategy | str:
@@ -71,6 +72,8 @@ def build_strategy(
         raise ValueError(f"trainer.strategy: {choice!r} is not supported; choose one of {', '.join(STRATEGIES)}")
     timeout = timedelta(seconds=settings.timeout_s)
     if choice == "fsdp":
+        if accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available():
+            raise ValueError("trainer.strategy: fsdp needs CUDA GPUs (Lightning refuses FSDP on CPU); use ddp on CPU")
         if optimizer == "adamw8bit":
             raise ValueError(
                 "model.optimizer: adamw8bit (bitsandbytes) does not support FSDP's sharded parameters; "

@@ -56,7 +56,9 @@ class SDFineTune(L.LightningModule):
     ) -> None:
         """
         Args:
-            pretrained: Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), local diffusers folder, or "tiny".
+            pretrained: Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), local diffusers folder, "tiny",
+                or "sd15-random"
+                (SD 1.5's architecture, random weights: for GPU throughput figures only).
             revision: Hub revision (branch, tag or commit) of `pretrained`.
             train_mode: "full" trains every UNet weight; "lora" trains a LoRA adapter on the attention layers.
             lora_rank: LoRA rank.
