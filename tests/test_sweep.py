@@ -56,24 +56,16 @@ def test_sweep_30_100_300_end_to_end(tmp_path: Path) -> None:
     runs = read_plan(plan_path)["runs"]
     assert [(r["size"], r["steps"]) for r in runs] == [(30, 8), (100, 25), (300, 30)]  # round(size / 4), capped
 
-    result = subprocess.run(
-        [sys.executable, "-m", "sdtune.sweep", "run", "--plan", str(plan_path)],
-        cwd=REPO,
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    result = subprocess.run(
-        [sys.executable, "-m", "sdtune.sweep", "report", "--plan", str(plan_path)],
-        cwd=REPO,
-        env=train_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    for command in ("run", "report"):
+        result = subprocess.run(
+            [sys.executable, "-m", "sdtune.sweep", command, "--plan", str(plan_path)],
+            cwd=REPO,
+            env=train_env(),
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
 
     sweep = tmp_path / "sweep"
     with (sweep / "report.csv").open() as f:

@@ -14,6 +14,10 @@ from sdtune.models import tiny
 TINY_PRESET = "tiny"
 # SD 1.5's architecture with random weights: real GPU throughput and memory without downloading weights.
 SD15_SHAPED_PRESET = "sd15-random"
+_PRESETS = {
+    TINY_PRESET: (tiny.tiny_unet, tiny.tiny_vae, tiny.tiny_text_encoder),
+    SD15_SHAPED_PRESET: (tiny.sd15_shaped_unet, tiny.sd15_shaped_vae, tiny.sd15_shaped_text_encoder),
+}
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -60,7 +64,7 @@ def build_pipeline(
 
 
 def _check_source(pretrained: str) -> None:
-    if pretrained in (TINY_PRESET, SD15_SHAPED_PRESET) or Path(pretrained).is_dir():
+    if pretrained in _PRESETS or Path(pretrained).is_dir():
         return
     if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
         raise ValueError(
@@ -75,24 +79,10 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
     `pretrained` is a Hub id, a local diffusers folder, or "tiny" for seeded random-init components.
     """
     _check_source(pretrained)
-    if pretrained == TINY_PRESET:
+    if pretrained in _PRESETS:
+        unet, vae, text_encoder = _PRESETS[pretrained]
         tokenizer = tiny.tiny_tokenizer()
-        return SDComponents(
-            unet=tiny.tiny_unet(),
-            vae=tiny.tiny_vae(),
-            text_encoder=tiny.tiny_text_encoder(tokenizer),
-            tokenizer=tokenizer,
-            noise_scheduler=tiny.tiny_scheduler(),
-        )
-    if pretrained == SD15_SHAPED_PRESET:
-        tokenizer = tiny.tiny_tokenizer()
-        return SDComponents(
-            unet=tiny.sd15_shaped_unet(),
-            vae=tiny.sd15_shaped_vae(),
-            text_encoder=tiny.sd15_shaped_text_encoder(tokenizer),
-            tokenizer=tokenizer,
-            noise_scheduler=tiny.tiny_scheduler(),
-        )
+        return SDComponents(unet(), vae(), text_encoder(tokenizer), tokenizer, tiny.tiny_scheduler())
     common = {"revision": revision}
     weights = {"revision": revision, "use_safetensors": True}
     return SDComponents(

@@ -112,21 +112,26 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+def _text_encoder(tokenizer: CLIPTokenizer, width: int, mlp_width: int, heads: int, layers: int) -> CLIPTextModel:
+    """A random-init CLIP text tower over `tokenizer`'s vocabulary, with its special-token ids."""
     torch.manual_seed(TINY_SEED)
     config = CLIPTextConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        hidden_size=32,
-        intermediate_size=37,
+        hidden_size=width,
+        intermediate_size=mlp_width,
         layer_norm_eps=1e-05,
-        num_attention_heads=4,
-        num_hidden_layers=2,
+        num_attention_heads=heads,
+        num_hidden_layers=layers,
         vocab_size=len(tokenizer),
         max_position_embeddings=77,
     )
     return CLIPTextModel(config)
+
+
+def tiny_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    return _text_encoder(tokenizer, width=32, mlp_width=37, heads=4, layers=2)
 
 
 def tiny_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
@@ -163,17 +168,4 @@ def sd15_shaped_vae() -> AutoencoderKL:
 
 def sd15_shaped_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """CLIP ViT-L/14's text tower shape (12 layers, width 768) over the tiny tokenizer's vocabulary."""
-    torch.manual_seed(TINY_SEED)
-    config = CLIPTextConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        hidden_size=768,
-        intermediate_size=3072,
-        num_attention_heads=12,
-        num_hidden_layers=12,
-        vocab_size=len(tokenizer),
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    )
-    return CLIPTextModel(config)
+    return _text_encoder(tokenizer, width=768, mlp_width=3072, heads=12, layers=12)
