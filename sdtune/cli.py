@@ -12,7 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
-from sdtune.checkpoint.callback import PeriodicCheckpoint
+from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
 from sdtune.checkpoint.layout import CheckpointRef, find_latest_checkpoint, parse_tag, verify_checkpoint
 from sdtune.checkpoint.remote import Remote, fetch_checkpoint
 from sdtune.distributed import DistributedSettings, build_strategy, cluster_plugins, num_processes
@@ -95,8 +95,9 @@ class SDTuneCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         trainer_config = config["trainer"]
         callbacks = list(trainer_config.get("callbacks") or [])
+        accelerator = str(trainer_config.get("accelerator", "auto"))
         world_size = num_processes(
-            str(trainer_config.get("accelerator", "auto")),
+            accelerator,
             trainer_config.get("devices", "auto"),
             int(trainer_config.get("num_nodes", 1)),
         )
@@ -105,7 +106,7 @@ class SDTuneCLI(LightningCLI):
             trainer_config.get("strategy", "auto"),
             world_size,
             settings if isinstance(settings, DistributedSettings) else DistributedSettings(**vars(settings)),
-            accelerator=str(trainer_config.get("accelerator", "auto")),
+            accelerator=accelerator,
             optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
             uses_ema=any(isinstance(c, EMA) for c in callbacks),
         )
@@ -120,7 +121,7 @@ class SDTuneCLI(LightningCLI):
     def before_fit(self) -> None:
         s3_settings = self.config_init["fit"]["s3"]
         s3.configure(s3_settings if isinstance(s3_settings, S3Settings) else S3Settings(**vars(s3_settings)))
-        callback = next((c for c in self.trainer.callbacks if isinstance(c, PeriodicCheckpoint)), None)
+        callback = find_checkpoint_callback(self.trainer)
         resume = self.config["fit"]["resume"]
         if callback is None:
             if resume != "never":

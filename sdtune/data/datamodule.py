@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader
 
 from sdtune import storage
 from sdtune.data.decode import ImageLimits
-from sdtune.distributed import gather_objects
 from sdtune.data.manifest import read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
+from sdtune.distributed import gather_objects
 
 log = logging.getLogger(__name__)
 _META_KEYS = ("data_worker", "data_position", "data_bad")
@@ -108,8 +108,9 @@ class ShardDataModule(L.LightningDataModule):
         self.shuffle_buffer = shuffle_buffer
         self.transform = SampleTransform(
             resolution=resolution,
-            limits=ImageLimits(min_side=resolution // 2 if min_image_side is None else min_image_side,
-                               max_pixels=max_image_pixels),
+            limits=ImageLimits(
+                min_side=resolution // 2 if min_image_side is None else min_image_side, max_pixels=max_image_pixels
+            ),
             random_crop=random_crop,
             flip_prob=flip_prob,
             caption_dropout=caption_dropout,
@@ -126,19 +127,31 @@ class ShardDataModule(L.LightningDataModule):
         counts = manifest.counts_by_name() if manifest else {}
         missing = [u for u in urls if os.path.basename(u) not in counts]
         if missing:
-            log.warning("no manifest entry for %d shard(s) under %s; counting samples by reading them",
-                        len(missing), dataset_url)
+            log.warning(
+                "no manifest entry for %d shard(s) under %s; counting samples by reading them",
+                len(missing),
+                dataset_url,
+            )
         return [counts.get(os.path.basename(u)) or _count_samples(u) for u in urls]
 
-    def _stream(self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any) -> ShardStream:
+    def _stream(
+        self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any
+    ) -> ShardStream:
         urls = storage.expand_urls(spec)
         if not urls:
             raise ValueError(f"data.{option}: no .tar shards match {spec!r}; check the path or pattern")
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return ShardStream(
-            urls, self._shard_counts(urls, spec), self.batch_size, num_workers, rank, world_size, transform,
-            seed=self.seed, **kwargs,
+            urls,
+            self._shard_counts(urls, spec),
+            self.batch_size,
+            num_workers,
+            rank,
+            world_size,
+            transform,
+            seed=self.seed,
+            **kwargs,
         )
 
     def setup(self, stage: str) -> None:

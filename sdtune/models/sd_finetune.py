@@ -57,8 +57,7 @@ class SDFineTune(L.LightningModule):
         """
         Args:
             pretrained: Hub id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), local diffusers folder, "tiny",
-                or "sd15-random"
-                (SD 1.5's architecture, random weights: for GPU throughput figures only).
+                or "sd15-random" (SD 1.5's architecture, random weights: for GPU throughput figures only).
             revision: Hub revision (branch, tag or commit) of `pretrained`.
             train_mode: "full" trains every UNet weight; "lora" trains a LoRA adapter on the attention layers.
             lora_rank: LoRA rank.
@@ -99,7 +98,7 @@ class SDFineTune(L.LightningModule):
         self.text_encoder.requires_grad_(False).eval()
         if train_mode == "lora":
             torch.manual_seed(seed)  # LoRA init is random: keep it reproducible
-            add_lora(self.unet, lora_rank, lora_alpha or lora_rank, list(lora_targets))
+            self._add_lora(self.unet)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         # The checkpoint keeps only trainable weights (frozen ones come from `pretrained`); see on_save_checkpoint.
@@ -107,6 +106,10 @@ class SDFineTune(L.LightningModule):
         self.num_nonfinite_skipped = 0
         self.num_nonfinite_in_a_row = 0
         self.skip_update = False
+
+    def _add_lora(self, unet: UNet2DConditionModel) -> None:
+        hp = self.hparams
+        add_lora(unet, hp.lora_rank, hp.lora_alpha or hp.lora_rank, list(hp.lora_targets))
 
     # ---- parameters -------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -284,8 +287,7 @@ class SDFineTune(L.LightningModule):
             return None
         unet = UNet2DConditionModel.from_config(self.unet.config)
         if self.hparams.train_mode == "lora":
-            hp = self.hparams
-            add_lora(unet, hp.lora_rank, hp.lora_alpha or hp.lora_rank, list(hp.lora_targets))
+            self._add_lora(unet)
         unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
         return unet
 
