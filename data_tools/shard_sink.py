@@ -45,9 +45,11 @@ class ShardSink:
         self._tmp().replace(final)
         self.shards.append(ShardEntry(final.name, self._num_in_shard, sha256_file(final), final.stat().st_size))
 
-    def close(self, skipped: dict[str, int] | None = None) -> DatasetManifest:
+    def close(self, skipped: dict[str, int] | None = None, classes: list[str] | None = None) -> DatasetManifest:
         if self._writer is not None:
             self._close_shard()
-        manifest = DatasetManifest(shards=self.shards, resolution=self.resolution, skipped=dict(skipped or {}))
+        manifest = DatasetManifest(
+            shards=self.shards, resolution=self.resolution, skipped=dict(skipped or {}), classes=classes
+        )
         manifest.write(self.out)
         return manifest

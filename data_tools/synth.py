@@ -37,7 +37,7 @@ def draw_shape(size: int, shape: str, color: str, background: str, scale: str, r
     return image
 
 
-def synth(out: Path, num_images: int = 64, size: int = 64, seed: int = 0) -> Path:
+def synth(out: Path, num_images: int = 64, size: int = 64, seed: int = 0, class_folders: bool = False) -> Path:
     """Write `num_images` PNGs with `.txt` captions (and `.json` with the class labels) into `out`.
 
     Args:
@@ -45,6 +45,8 @@ def synth(out: Path, num_images: int = 64, size: int = 64, seed: int = 0) -> Pat
         num_images: How many images.
         size: Image side in pixels.
         seed: Random seed; the same seed gives the same files.
+        class_folders: Write each image into a subfolder named after its shape (circle/square/triangle), the
+            layout `make_shards --class_folders` reads for classification.
     """
     if num_images < 1 or size < 8:
         raise ValueError(f"synth: need num_images >= 1 and size >= 8, got {num_images} and {size}")
@@ -56,7 +58,9 @@ def synth(out: Path, num_images: int = 64, size: int = 64, seed: int = 0) -> Pat
         color, background = (names[i] for i in rng.choice(len(names), size=2, replace=False))
         scale = ("small", "large")[int(rng.integers(2))]
         image = draw_shape(size, shape, color, background, scale, rng)
-        stem = out / f"{index:06d}"
+        folder = out / shape if class_folders else out
+        folder.mkdir(exist_ok=True)
+        stem = folder / f"{index:06d}"
         image.save(stem.with_suffix(".png"))
         caption = f"a photo of a {scale} {color} {shape} on a {background} background"
         stem.with_suffix(".txt").write_text(caption + "\n")

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from sdtune import storage
 from sdtune.data.decode import ImageLimits
-from sdtune.data.manifest import read_manifest
+from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.distributed import gather_objects
@@ -42,14 +42,6 @@ def _ignore_preemption_signals(worker_id: int) -> None:
     killed by the signal would end the fit before the training process can write its checkpoint."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def _dataset_url(shards: str) -> str:
-    """The folder/prefix holding the shards (and the manifest) of a shard spec."""
-    first = shards.split("{", 1)[0]
-    if first.endswith(".tar") or "*" in first or not first.endswith("/") and not storage.exists(first):
-        return first.rsplit("/", 1)[0] if "/" in first else "."
-    return first
 
 
 def _count_samples(url: str) -> int:
@@ -122,15 +114,15 @@ class ShardDataModule(L.LightningDataModule):
         self._progress = EpochResume(epoch=0, batches_done=0)
 
     def _shard_counts(self, urls: list[str], spec: str) -> list[int]:
-        dataset_url = _dataset_url(spec)
-        manifest = read_manifest(dataset_url)
+        folder = dataset_url(spec)
+        manifest = read_manifest(folder)
         counts = manifest.counts_by_name() if manifest else {}
         missing = [u for u in urls if os.path.basename(u) not in counts]
         if missing:
             log.warning(
                 "no manifest entry for %d shard(s) under %s; counting samples by reading them",
                 len(missing),
-                dataset_url,
+                folder,
             )
         return [counts.get(os.path.basename(u)) or _count_samples(u) for u in urls]
 
@@ -253,5 +245,10 @@ class ShardDataModule(L.LightningDataModule):
             epoch=state["epoch"],
             batches_done=state["batches_done"],
             positions={int(k): v for k, v in state["positions"].items() if int(k) in mine},
-            bad_counts={int(k): list(v) for k, v in state["bad_counts"].items() if int(k) in mine},
+            # Older checkpoints count fewer reasons: pad (new reasons are appended, so positions hold).
+            bad_counts={
+                int(k): list(v) + [0] * (len(ALL_REASONS) - len(v))
+                for k, v in state["bad_counts"].items()
+                if int(k) in mine
+            },
         )

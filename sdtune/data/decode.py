@@ -18,7 +18,9 @@ from sdtune.data.tar_stream import RawSample
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "json")
-WANTED_EXTS = frozenset(IMAGE_EXTS + CAPTION_EXTS)
+LABEL_EXT = "cls"  # webdataset's convention: the class index as decimal text
+LATENT_EXTS = ("latent.npy", "latent_flip.npy", "latent.safetensors")
+WANTED_EXTS = frozenset((*IMAGE_EXTS, *CAPTION_EXTS, LABEL_EXT, *LATENT_EXTS))
 # 16-bit, float, CMYK, LA, 1-bit etc. are refused rather than silently converted.
 ACCEPTED_MODES = frozenset({"RGB", "RGBA", "L", "P"})
 BAD_REASONS = (
@@ -31,11 +33,13 @@ BAD_REASONS = (
     "empty_caption",
     "bad_caption",
 )
+# Kept apart from BAD_REASONS so that skip counters saved by older checkpoints keep their positions.
+LABEL_LATENT_REASONS = ("missing_latent", "bad_latent", "missing_label", "bad_label")
 
 
 class BadSample(Exception):
     def __init__(self, reason: str, detail: str = "") -> None:
-        assert reason in BAD_REASONS, reason
+        assert reason in BAD_REASONS or reason in LABEL_LATENT_REASONS, reason
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
 
@@ -120,3 +124,26 @@ def resize_crop_flip(
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
     return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def decode_label(sample: RawSample) -> int:
+    """The class index from `.cls` (decimal text) or the `label` field of `.json`."""
+    if LABEL_EXT in sample:
+        raw = sample[LABEL_EXT]
+        assert isinstance(raw, bytes)
+        try:
+            return int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as err:
+            raise BadSample("bad_label", f"cls is not an integer: {raw[:20]!r}") from err
+    if "json" in sample:
+        raw = sample["json"]
+        assert isinstance(raw, bytes)
+        try:
+            label = json.loads(raw).get("label")
+        except (ValueError, AttributeError) as err:
+            raise BadSample("bad_label", "json is not an object") from err
+        if isinstance(label, int) and not isinstance(label, bool):
+            return label
+        if label is not None:
+            raise BadSample("bad_label", f"json 'label' is not an integer: {label!r}")
+    raise BadSample("missing_label")

@@ -26,6 +26,8 @@ class DatasetManifest:
     shards: list[ShardEntry]
     resolution: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
+    classes: list[str] | None = None  # class names by label index, for labelled datasets
+    latents: dict | None = None  # latent shards: the encoding settings (see sdtune.latent.encoding)
     format: str = FORMAT
 
     @property
@@ -48,6 +50,8 @@ class DatasetManifest:
             shards=[ShardEntry(**s) for s in data["shards"]],
             resolution=data.get("resolution"),
             skipped=data.get("skipped", {}),
+            classes=data.get("classes"),
+            latents=data.get("latents"),
         )
 
 
@@ -58,3 +62,11 @@ def read_manifest(dataset_url: str) -> DatasetManifest | None:
         return None
     with storage.open_read(url) as f:
         return DatasetManifest.from_json(f.read().decode("utf-8"), url)
+
+
+def dataset_url(shards: str) -> str:
+    """The folder/prefix holding the shards (and the manifest) of a shard spec (folder, glob or brace pattern)."""
+    first = shards.split("{", 1)[0]
+    if first.endswith(".tar") or "*" in first or not first.endswith("/") and not storage.exists(first):
+        return first.rsplit("/", 1)[0] if "/" in first else "."
+    return first

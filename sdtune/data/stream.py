@@ -25,6 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from sdtune import storage
 from sdtune.data.decode import (
     BAD_REASONS,
+    LABEL_LATENT_REASONS,
     WANTED_EXTS,
     BadSample,
     ImageLimits,
@@ -37,7 +38,7 @@ from sdtune.data.tar_stream import RawSample, iter_tar_samples
 STREAM_REASONS = ("truncated_shard", "oversized_member", "extra_pass", "shard_reopen")
 # Counted events that are not skipped samples.
 EVENTS = ("extra_pass", "shard_reopen")
-ALL_REASONS = BAD_REASONS + STREAM_REASONS
+ALL_REASONS = BAD_REASONS + STREAM_REASONS + LABEL_LATENT_REASONS
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ class SDComponents:
 
     @property
     def vae_scale_factor(self) -> int:
-        """Pixel-to-latent downsampling, read from the VAE config (8 for SD, 2 for the tiny preset)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale_factor(self.vae)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write a diffusers pipeline folder (safetensors) that `load_components` and plain diffusers read."""
@@ -92,3 +91,17 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
         tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
         noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
     )
+
+
+def load_vae(pretrained: str, revision: str | None = None, subfolder: str | None = "vae") -> AutoencoderKL:
+    """An SD VAE from a preset name, a Hub id or a local folder (`subfolder` None for a standalone VAE
+    repo such as stabilityai/sd-vae-ft-mse)."""
+    _check_source(pretrained)
+    if pretrained in _PRESETS:
+        return _PRESETS[pretrained][1]()
+    return AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, revision=revision, use_safetensors=True)
+
+
+def vae_scale_factor(vae: AutoencoderKL) -> int:
+    """Pixel-to-latent downsampling, read from the VAE config (8 for SD, 2 for the tiny preset)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)

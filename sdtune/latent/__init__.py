@@ -1,0 +1,1 @@
+"""The VAE latent space: latent shards, tables for classifiers, augmentation, analysis report."""
