@@ -152,7 +152,9 @@ def encode_latents(
         raise ValueError(f"encode_latents --batch_size: must be >= 1, got {batch_size}")
     if vae_dtype not in ("float32", "bfloat16"):
         raise ValueError(f"encode_latents --vae_dtype: float32 or bfloat16, got {vae_dtype!r}")
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else device.replace("auto", "cpu"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_device = torch.device(device)
     model = load_vae(vae, revision, vae_subfolder).to(torch_device, getattr(torch, vae_dtype)).eval()
     settings = settings_for(model, vae, revision, vae_subfolder, resolution, flip, dtype, file_format)
     encoder = _ShardEncoder(model, settings, batch_size)
@@ -163,7 +165,8 @@ def encode_latents(
         progress = _read_json(progress_url) or {"done": {}, "skipped": {}}
         names = [os.path.basename(u) for u in urls]
         todo = [u for u, n in zip(urls, names, strict=True) if n not in progress["done"]]
-        log.info("encode_latents: %d of %d shards already encoded; encoding %d", len(urls) - len(todo), len(urls), len(todo))
+        num_done = len(urls) - len(todo)
+        log.info("encode_latents: %d of %d shards already encoded; encoding %d", num_done, len(urls), len(todo))
         for url in todo:
             name = os.path.basename(url)
             encoder.skipped.clear()

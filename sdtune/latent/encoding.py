@@ -100,9 +100,9 @@ def encode(vae: AutoencoderKL, pixels: torch.Tensor, settings: LatentSettings) -
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: torch.Tensor, scaling_factor: float, shift_factor: float | None) -> torch.Tensor:
+def decode(vae: AutoencoderKL, latents: torch.Tensor, settings: LatentSettings) -> torch.Tensor:
     """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32 on the CPU."""
-    raw = latents.to(vae.device, vae.dtype) / scaling_factor + (shift_factor or 0.0)
+    raw = latents.to(vae.device, vae.dtype) / settings.scaling_factor + (settings.shift_factor or 0.0)
     return vae.decode(raw).sample.float().clamp(-1, 1).cpu()
 
 
