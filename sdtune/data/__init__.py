@@ -1,5 +1,6 @@
 """Storage URLs, WebDataset shard streams and DataModules."""
 
+from sdtune.data.classification import ClassificationDataModule
 from sdtune.data.datamodule import ShardDataModule
 
-__all__ = ["ShardDataModule"]
+__all__ = ["ClassificationDataModule", "ShardDataModule"]

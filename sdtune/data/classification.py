@@ -1,0 +1,169 @@
+"""DataModule for classifiers: labelled latent or image shards in memory, a fixed held-out split, and
+optional latent augmentation (on the latents, or decoded to pixels for pixel classifiers)."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from sdtune.latent.augment import LatentAugmentation
+from sdtune.latent.encoding import decode
+from sdtune.latent.tables import LabelledTable, heldout_split, read_table
+from sdtune.models.components import load_vae
+
+log = logging.getLogger(__name__)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-1] == size:
+        return images
+    return torch.nn.functional.interpolate(
+        images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Labelled shards for classification; see `sdtune.latent.tables` for the split."""
+
+    def __init__(
+        self,
+        shards: str,
+        latents: str | None = None,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        image_size: int | None = None,
+        augment: list[LatentAugmentation] | None = None,
+        synthetic_only: bool = False,
+        max_train_per_class: int | None = None,
+        batch_size: int = 64,
+        seed: int = 0,
+    ) -> None:
+        """
+        Args:
+            shards: Labelled shards: latent shards (the classifier sees latents) or image shards (pixels).
+            latents: With image shards and `augment`: latent shards of the same images, whose augmented
+                latents are decoded to images by the VAE recorded in their manifest.
+            val_fraction: Held-out fraction of each class (the split depends only on keys and split_seed).
+            split_seed: Seed of the held-out split; keep it fixed to compare classifiers.
+            image_size: Pixel inputs are resized to this (default: the shards' resolution).
+            augment: Latent augmentations; their output is added to the training set (regenerated each
+                epoch when trainer.reload_dataloaders_every_n_epochs is 1).
+            synthetic_only: Train on the augmentations' output only (never on a real training sample).
+            max_train_per_class: Keep at most this many real training samples per class (data-scarcity runs).
+            batch_size: Training batch size.
+            seed: Seed of the augmentation draws.
+        """
+        super().__init__()
+        if synthetic_only and not augment:
+            raise ValueError("data.synthetic_only: needs data.augment to make the synthetic samples")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
+        self.shards, self.latents_spec = shards, latents
+        self.val_fraction, self.split_seed = val_fraction, split_seed
+        self.requested_size = image_size
+        self.augment = list(augment or [])
+        self.synthetic_only = synthetic_only
+        self.max_train_per_class = max_train_per_class
+        self.batch_size, self.seed = batch_size, seed
+        self.train: LabelledTable | None = None
+        self.val: LabelledTable | None = None
+        self.train_latents: LabelledTable | None = None  # for decoding augmentations into pixels
+        self.vae: torch.nn.Module | None = None
+
+    # ---- shape of the data, read by the classifier in configure_model -------------------------------------
+    @property
+    def in_channels(self) -> int:
+        assert self.train is not None, "setup() first"
+        return int(self.train.inputs.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        assert self.train is not None, "setup() first"
+        return int(self.train.inputs.shape[-1])
+
+    @property
+    def num_classes(self) -> int:
+        assert self.train is not None, "setup() first"
+        return len(self.train.classes)
+
+    @property
+    def input_kind(self) -> str:
+        assert self.train is not None, "setup() first"
+        return "latents" if self.train.latent_settings is not None else "pixels"
+
+    def setup(self, stage: str) -> None:
+        if self.train is not None:
+            return
+        table = read_table(self.shards, "data.shards")
+        if table.latent_settings is None and self.requested_size:
+            table.inputs = _resize(table.inputs, self.requested_size)
+        train_index, val_index = heldout_split(table.keys, table.labels, self.val_fraction, self.split_seed)
+        if self.max_train_per_class is not None:
+            train_index = self._cap_per_class(train_index, table)
+        self.train, self.val = table.subset(train_index), table.subset(val_index)
+        log.info("data: %d training, %d held-out samples, %d classes", len(self.train), len(self.val), self.num_classes)
+        if self.augment and table.latent_settings is None:
+            self._setup_decoded_augmentation()
+
+    def _cap_per_class(self, train_index: list[int], table: LabelledTable) -> list[int]:
+        kept: dict[int, int] = {}
+        capped = []
+        for i in train_index:  # heldout_split returns sorted indices: the same cap in every run
+            label = int(table.labels[i])
+            if kept.get(label, 0) < self.max_train_per_class:
+                kept[label] = kept.get(label, 0) + 1
+                capped.append(i)
+        return capped
+
+    def _setup_decoded_augmentation(self) -> None:
+        if not self.latents_spec:
+            raise ValueError(
+                "data.latents: augmenting a pixel classifier needs the latent shards of the same images "
+                "(data_tools encode_latents), to augment in latent space and decode"
+            )
+        latents = read_table(self.latents_spec, "data.latents")
+        assert self.train is not None and latents.latent_settings is not None
+        position = {key: i for i, key in enumerate(latents.keys)}
+        missing = [k for k in self.train.keys if k not in position]
+        if missing:
+            raise ValueError(f"data.latents: {len(missing)} training image(s) have no latent, e.g. {missing[0]}")
+        self.train_latents = latents.subset([position[k] for k in self.train.keys])
+        settings = latents.latent_settings
+        self.vae = load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
+
+    def synthetic(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The augmentations' samples for `epoch`: latents, or images decoded from them for pixel inputs."""
+        assert self.train is not None
+        source = self.train_latents if self.train_latents is not None else self.train
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        latents, labels = source.inputs, source.labels
+        new_latents, new_labels = latents[:0], labels[:0]
+        for transform in self.augment:
+            made, made_labels = transform(latents, labels, generator)
+            new_latents, new_labels = torch.cat([new_latents, made]), torch.cat([new_labels, made_labels])
+        if self.train_latents is None:
+            return new_latents, new_labels
+        assert self.vae is not None and source.latent_settings is not None
+        images = [decode(self.vae, chunk, source.latent_settings) for chunk in new_latents.split(64)]
+        return _resize(torch.cat(images), self.image_size), new_labels
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train is not None, "setup() first"
+        inputs, labels = self.train.inputs, self.train.labels
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if self.augment:
+            new_inputs, new_labels = self.synthetic(epoch)
+            if self.synthetic_only:
+                inputs, labels = new_inputs, new_labels
+            else:
+                inputs, labels = torch.cat([inputs, new_inputs]), torch.cat([labels, new_labels])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        dataset = TensorDataset(inputs, labels)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val is not None, "setup() first"
+        return DataLoader(TensorDataset(self.val.inputs, self.val.labels), batch_size=256)

@@ -1,0 +1,145 @@
+"""A classifier LightningModule over latents or pixels; the network is a config choice.
+
+    model:
+      class_path: sdtune.models.Classifier
+      init_args:
+        net:
+          class_path: sdtune.models.classifier_nets.PatchTransformer
+          init_args: {patch_size: 2, dim: 128}
+
+The network is built in `configure_model`, once the DataModule has read the data and knows the input
+shape and the number of classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sdtune.eval.classification import classification_metrics
+from sdtune.models import classifier_nets
+
+NetFactory = Callable[[int, int, int], nn.Module]
+
+
+def describe_net(factory: NetFactory) -> tuple[str, dict[str, Any]]:
+    """(class name in sdtune.models.classifier_nets, options) of a network factory (a class or a partial)."""
+    if isinstance(factory, functools.partial):
+        cls = next(a for a in factory.args if isinstance(a, type)) if factory.args else factory.func
+        options = dict(factory.keywords)
+    else:
+        cls, options = factory, {}
+    assert isinstance(cls, type) and getattr(classifier_nets, cls.__name__, None) is cls, f"unknown network {cls}"
+    return cls.__name__, options
+
+
+class Classifier(L.LightningModule):
+    """Cross-entropy classifier; logs val/accuracy and val/macro_f1 and keeps the last confusion matrix."""
+
+    def __init__(
+        self,
+        net: NetFactory = classifier_nets.LinearProbe,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.05,
+        label_smoothing: float = 0.0,
+        warmup_fraction: float = 0.05,
+    ) -> None:
+        """
+        Args:
+            net: Network class in sdtune.models.classifier_nets and its options (class_path + init_args);
+                input channels, size and class count come from the data.
+            learning_rate: Peak AdamW learning rate (cosine decay over the run after a linear warmup).
+            weight_decay: AdamW weight decay.
+            label_smoothing: Cross-entropy label smoothing.
+            warmup_fraction: Fraction of the steps spent warming up.
+        """
+        super().__init__()
+        if learning_rate <= 0:
+            raise ValueError(f"model.learning_rate: must be > 0, got {learning_rate}")
+        self.save_hyperparameters(ignore=["net"])
+        self.net_factory = net
+        self.net_name, self.net_options = describe_net(net)
+        self.net: nn.Module | None = None
+        self.input_spec: dict[str, Any] = {}
+        self.val_metrics: dict[str, Any] = {}
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def build(self, in_channels: int, image_size: int, num_classes: int) -> None:
+        self.input_spec = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
+        self.net = self.net_factory(in_channels, image_size, num_classes)
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            data = self.trainer.datamodule
+            self.build(data.in_channels, data.image_size, data.num_classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        assert self.net is not None, "build() first"
+        return self.net(inputs)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        inputs, labels = batch  # (B, C, H, W), (B,)
+        loss = nn.functional.cross_entropy(self(inputs), labels, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        inputs, labels = batch
+        logits = self(inputs)
+        self.log("val/loss", nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
+        self._val_outputs.append((logits.argmax(dim=1).cpu(), labels.cpu()))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_outputs:
+            return
+        predictions = torch.cat([p for p, _ in self._val_outputs]).numpy()
+        targets = torch.cat([t for _, t in self._val_outputs]).numpy()
+        self._val_outputs.clear()
+        self.val_metrics = classification_metrics(predictions, targets, self.input_spec["num_classes"])
+        self.log("val/accuracy", self.val_metrics["accuracy"], prog_bar=True)
+        self.log("val/macro_f1", self.val_metrics["macro_f1"], prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(hp.warmup_fraction * total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + np.cos(np.pi * (step - warmup) / max(1, total - warmup)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def export(self, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write `model.safetensors` and `classifier.json` (network, options, input shape, plus `extra`)."""
+        assert self.net is not None
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors"
+        )
+        info = {"net": self.net_name, "options": self.net_options, **self.input_spec, **(extra or {})}
+        (folder / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+        return folder
+
+
+def load_classifier(folder: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A network exported by `Classifier.export` (safetensors; only classes of classifier_nets are built)."""
+    info = json.loads((folder / "classifier.json").read_text())
+    cls = getattr(classifier_nets, info["net"], None)
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise ValueError(f"{folder}/classifier.json: unknown network {info['net']!r}")
+    net = cls(info["in_channels"], info["image_size"], info["num_classes"], **info["options"])
+    net.load_state_dict(load_file(folder / "model.safetensors"))
+    return net.eval(), info
