@@ -24,10 +24,10 @@ import webdataset as wds
 
 from sdtune import storage
 from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
+from sdtune.data.latents import LatentSettings, encode, latent_members, settings_for
 from sdtune.data.manifest import DatasetManifest, ShardEntry, dataset_url, read_manifest
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
 from sdtune.fileio import sha256_file
-from sdtune.latent.encoding import LatentSettings, encode, latent_members, settings_for
 from sdtune.models.components import load_vae
 
 log = logging.getLogger(__name__)

@@ -3,15 +3,16 @@ optional latent augmentation (on the latents, or decoded to pixels for pixel cla
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from sdtune.data.latents import decode
+from sdtune.data.tables import LabelledTable, heldout_split, read_table
 from sdtune.latent.augment import LatentAugmentation
-from sdtune.latent.encoding import decode
-from sdtune.latent.tables import LabelledTable, heldout_split, read_table
 from sdtune.models.components import load_vae
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class ClassificationDataModule(L.LightningDataModule):
-    """Labelled shards for classification; see `sdtune.latent.tables` for the split."""
+    """Labelled shards for classification; see `sdtune.data.tables` for the split."""
 
     def __init__(
         self,
@@ -49,8 +50,8 @@ class ClassificationDataModule(L.LightningDataModule):
             val_fraction: Held-out fraction of each class (the split depends only on keys and split_seed).
             split_seed: Seed of the held-out split; keep it fixed to compare classifiers.
             image_size: Pixel inputs are resized to this (default: the shards' resolution).
-            augment: Latent augmentations; their output is added to the training set (regenerated each
-                epoch when trainer.reload_dataloaders_every_n_epochs is 1).
+            augment: Latent augmentations; their output is added to the training set (latents: regenerated
+                each epoch when trainer.reload_dataloaders_every_n_epochs is 1; pixels: decoded once).
             synthetic_only: Train on the augmentations' output only (never on a real training sample).
             max_train_per_class: Keep at most this many real training samples per class (data-scarcity runs).
             batch_size: Training batch size.
@@ -72,6 +73,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.val: LabelledTable | None = None
         self.train_latents: LabelledTable | None = None  # for decoding augmentations into pixels
         self.vae: torch.nn.Module | None = None
+        self._decoded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- shape of the data, read by the classifier in configure_model -------------------------------------
     @property
@@ -99,7 +101,7 @@ class ClassificationDataModule(L.LightningDataModule):
             return
         table = read_table(self.shards, "data.shards")
         if table.latent_settings is None and self.requested_size:
-            table.inputs = _resize(table.inputs, self.requested_size)
+            table = dataclasses.replace(table, inputs=_resize(table.inputs, self.requested_size))
         train_index, val_index = heldout_split(table.keys, table.labels, self.val_fraction, self.split_seed)
         if self.max_train_per_class is not None:
             train_index = self._cap_per_class(train_index, table)
@@ -135,8 +137,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.vae = load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
 
     def synthetic(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The augmentations' samples for `epoch`: latents, or images decoded from them for pixel inputs."""
+        """The augmentations' samples for `epoch`: latents, or images decoded from them for pixel inputs
+        (decoding is slow: pixel inputs get one draw per run, made at the first epoch)."""
         assert self.train is not None
+        if self.train_latents is not None and self._decoded is not None:
+            return self._decoded
         source = self.train_latents if self.train_latents is not None else self.train
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         latents, labels = source.inputs, source.labels
@@ -148,9 +153,18 @@ class ClassificationDataModule(L.LightningDataModule):
             return new_latents, new_labels
         assert self.vae is not None and source.latent_settings is not None
         images = [decode(self.vae, chunk, source.latent_settings) for chunk in new_latents.split(64)]
-        return _resize(torch.cat(images), self.image_size), new_labels
+        self._decoded = (_resize(torch.cat(images), self.image_size), new_labels)
+        return self._decoded
 
     def train_dataloader(self) -> DataLoader:
+        inputs, labels = self.training_set()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        dataset = TensorDataset(inputs, labels)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+
+    def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This epoch's training inputs and labels: real, real + synthetic, or synthetic only."""
         assert self.train is not None, "setup() first"
         inputs, labels = self.train.inputs, self.train.labels
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
@@ -160,9 +174,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 inputs, labels = new_inputs, new_labels
             else:
                 inputs, labels = torch.cat([inputs, new_inputs]), torch.cat([labels, new_labels])
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        dataset = TensorDataset(inputs, labels)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+        return inputs, labels
 
     def val_dataloader(self) -> DataLoader:
         assert self.val is not None, "setup() first"

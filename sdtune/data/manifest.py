@@ -27,7 +27,7 @@ class DatasetManifest:
     resolution: int | None = None
     skipped: dict[str, int] = field(default_factory=dict)
     classes: list[str] | None = None  # class names by label index, for labelled datasets
-    latents: dict | None = None  # latent shards: the encoding settings (see sdtune.latent.encoding)
+    latents: dict | None = None  # latent shards: the encoding settings (see sdtune.data.latents)
     format: str = FORMAT
 
     @property

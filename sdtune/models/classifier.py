@@ -108,6 +108,16 @@ class Classifier(L.LightningModule):
         self.log("val/accuracy", self.val_metrics["accuracy"], prog_bar=True)
         self.log("val/macro_f1", self.val_metrics["macro_f1"], prog_bar=True)
 
+    @torch.no_grad()
+    def evaluate(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> dict[str, Any]:
+        """Metrics of the network (in eval mode) on `inputs` (N, C, H, W) with true `labels` (N,)."""
+        assert self.net is not None
+        was_training = self.net.training
+        self.net.eval()
+        predictions = torch.cat([self(x.to(self.device)).argmax(dim=1).cpu() for x in inputs.split(batch_size)])
+        self.net.train(was_training)
+        return classification_metrics(predictions.numpy(), labels.numpy(), self.input_spec["num_classes"])
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)

@@ -8,6 +8,7 @@ on latents or pixels, is scored on the same held-out images.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -19,9 +20,9 @@ import torch
 
 from sdtune import storage
 from sdtune.data.decode import WANTED_EXTS, BadSample, ImageLimits, decode_image, decode_label, resize_crop_flip
+from sdtune.data.latents import LatentSettings, decode_latents
 from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.tar_stream import iter_tar_samples
-from sdtune.latent.encoding import LatentSettings, decode_latents
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,11 @@ def _sample_key(shard_url: str, key: str) -> str:
     return f"{os.path.basename(shard_url)}/{key}"
 
 
+@functools.lru_cache(maxsize=4)
 def read_table(spec: str, option: str, image_size: int | None = None) -> LabelledTable:
     """Read every labelled sample of a shard folder/pattern: latents if the shards hold latents, else images
     (resized and center-cropped to `image_size`, default the manifest's resolution). Bad samples are
-    skipped and counted."""
+    skipped and counted. Cached (benchmarks read the same data for every run): never modify the result."""
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"{option}: no .tar shards match {spec!r}; check the path or pattern")
