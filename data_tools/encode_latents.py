@@ -11,11 +11,14 @@ is written last. Source and output may be local folders or any storage URL (s3:/
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +114,21 @@ class _ShardEncoder:
         return num_written
 
 
+@contextlib.contextmanager
+def _staging(out: str) -> Iterator[Path]:
+    """Where shards are written before they go to `out`: inside a local `out` (so the final move is a rename
+    and a killed run's leftovers are cleared by the next one), else a temporary folder."""
+    if storage.is_remote(out):
+        with tempfile.TemporaryDirectory(prefix="encode_latents-") as tmp:
+            yield Path(tmp)
+        return
+    folder = Path(out) / ".staging"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def encode_latents(
     source: str,
     out: str,
@@ -158,8 +176,7 @@ def encode_latents(
     model = load_vae(vae, revision, vae_subfolder).to(torch_device, getattr(torch, vae_dtype)).eval()
     settings = settings_for(model, vae, revision, vae_subfolder, resolution, flip, dtype, file_format)
     encoder = _ShardEncoder(model, settings, batch_size)
-    with tempfile.TemporaryDirectory(prefix="encode_latents-") as tmp:
-        staging = Path(tmp)
+    with _staging(out) as staging:
         check_settings(out, settings, staging)
         progress_url = storage.join(out, PROGRESS_NAME)
         progress = _read_json(progress_url) or {"done": {}, "skipped": {}}
@@ -173,8 +190,11 @@ def encode_latents(
             tar_path = staging / name
             num_samples = encoder.encode_shard(url, tar_path)
             entry = ShardEntry(name, num_samples, sha256_file(tar_path), tar_path.stat().st_size)
-            storage.upload(tar_path, storage.join(out, name))
-            tar_path.unlink()
+            if storage.is_remote(out):
+                storage.upload(tar_path, storage.join(out, name))
+                tar_path.unlink()
+            else:
+                tar_path.replace(Path(out) / name)
             progress["done"][name] = vars(entry)
             progress["skipped"][name] = dict(encoder.skipped)
             _put_json(progress, progress_url, staging)  # the shard counts as done only from here on

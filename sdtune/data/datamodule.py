@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from sdtune import storage
 from sdtune.data.decode import ImageLimits
+from sdtune.data.latents import LatentSettings
 from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
@@ -51,7 +52,8 @@ def _count_samples(url: str) -> int:
 
 
 class ShardDataModule(L.LightningDataModule):
-    """Captioned image shards (jpg/png/webp + txt/json) for Stable Diffusion fine-tuning."""
+    """Captioned image shards (jpg/png/webp + txt/json), or latent shards made from them by
+    `data_tools encode_latents`, for Stable Diffusion fine-tuning."""
 
     def __init__(
         self,
@@ -70,7 +72,8 @@ class ShardDataModule(L.LightningDataModule):
     ) -> None:
         """
         Args:
-            shards: Shard folder, glob or brace pattern, e.g. `data/ds` or `data/ds/shard-{000000..000009}.tar`.
+            shards: Shard folder, glob or brace pattern, e.g. `data/ds` or `data/ds/shard-{000000..000009}.tar`;
+                image shards, or latent shards (the VAE then does not run during training).
             batch_size: Samples per batch on each device.
             num_workers: DataLoader worker processes per device (0 reads in the training process).
             resolution: Square training resolution in pixels; images are resized (shorter side) and cropped.
@@ -112,6 +115,7 @@ class ShardDataModule(L.LightningDataModule):
         self.train_stream: ShardStream | None = None
         self.val_stream: ShardStream | None = None
         self._progress = EpochResume(epoch=0, batches_done=0)
+        self.latent_settings: LatentSettings | None = None  # set in setup() when the shards hold latents
 
     def _shard_counts(self, urls: list[str], spec: str) -> list[int]:
         folder = dataset_url(spec)
@@ -146,8 +150,30 @@ class ShardDataModule(L.LightningDataModule):
             **kwargs,
         )
 
+    def _check_latent_shards(self) -> None:
+        """Latent shards fix resolution, crop and flip at encoding time: refuse settings they cannot honour."""
+        manifest = read_manifest(dataset_url(self.shards))
+        if manifest is None or not manifest.latents:
+            return
+        settings = LatentSettings.from_json(manifest.latents)
+        t = self.transform
+        if t.resolution != settings.resolution:
+            raise ValueError(
+                f"data.resolution: {t.resolution}, but the latent shards {self.shards} were encoded at "
+                f"{settings.resolution}; set data.resolution to {settings.resolution} or re-encode"
+            )
+        if t.random_crop:
+            raise ValueError("data.random_crop: latent shards hold center crops; set random_crop: false")
+        if t.flip_prob > 0 and not settings.flip:
+            raise ValueError(
+                f"data.flip_prob: {t.flip_prob}, but {self.shards} has no flipped latents; set flip_prob: 0 "
+                "or re-encode with data_tools encode_latents --flip true"
+            )
+        self.latent_settings = settings
+
     def setup(self, stage: str) -> None:
         if self.train_stream is None:
+            self._check_latent_shards()
             self.train_stream = self._stream(
                 self.shards, "shards", self.transform, self.num_workers, shuffle_buffer=self.shuffle_buffer
             )

@@ -108,9 +108,11 @@ def decode(vae: AutoencoderKL, latents: torch.Tensor, settings: LatentSettings) 
 
 def latent_members(latent: np.ndarray, flipped: np.ndarray | None, settings: LatentSettings) -> dict[str, bytes]:
     """The tar members of one sample's latent(s), in the cache's dtype and file format."""
-    arrays = {"latent": latent.astype(DTYPES[settings.dtype])}
+    # C order explicitly: the VAE's output can be strided (channels-last), astype keeps that layout, and
+    # safetensors.numpy.save writes the raw buffer regardless of strides (scrambled latents, found by a test).
+    arrays = {"latent": np.ascontiguousarray(latent, dtype=DTYPES[settings.dtype])}
     if flipped is not None:
-        arrays["latent_flip"] = flipped.astype(DTYPES[settings.dtype])
+        arrays["latent_flip"] = np.ascontiguousarray(flipped, dtype=DTYPES[settings.dtype])
     if settings.file_format == "safetensors":
         return {"latent.safetensors": save_safetensors(arrays)}
     members = {}

@@ -26,6 +26,7 @@ from sdtune import storage
 from sdtune.data.decode import (
     BAD_REASONS,
     LABEL_LATENT_REASONS,
+    LATENT_EXTS,
     WANTED_EXTS,
     BadSample,
     ImageLimits,
@@ -33,6 +34,7 @@ from sdtune.data.decode import (
     decode_image,
     resize_crop_flip,
 )
+from sdtune.data.latents import decode_latents
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
 
 STREAM_REASONS = ("truncated_shard", "oversized_member", "extra_pass", "shard_reopen")
@@ -165,12 +167,18 @@ class ShardStream(IterableDataset):
         key = f"{raw['__shard__'].rsplit('/', 1)[-1]}/{raw['__key__']}"
         rng = np.random.default_rng([self.seed, self.epoch, zlib.crc32(key.encode())])
         caption = decode_caption(raw)
-        image = decode_image(raw, self.transform.limits)
         t = self.transform
-        pixels = resize_crop_flip(image, t.resolution, rng, t.random_crop, t.flip_prob)
+        if any(ext in raw for ext in LATENT_EXTS):
+            # Latent shards: the VAE ran at encoding time (center crop); a flip picks the mirrored latent.
+            latent, flipped = decode_latents(raw)
+            use_flipped = flipped is not None and t.flip_prob > 0 and rng.random() < t.flip_prob
+            sample = {"latents": flipped if use_flipped else latent}
+        else:
+            image = decode_image(raw, t.limits)
+            sample = {"pixel_values": resize_crop_flip(image, t.resolution, rng, t.random_crop, t.flip_prob)}
         if t.caption_dropout > 0 and rng.random() < t.caption_dropout:
             caption = ""
-        return {"pixel_values": pixels, "caption": caption, "key": key}
+        return sample | {"caption": caption, "key": key}
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

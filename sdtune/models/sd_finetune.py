@@ -115,6 +115,20 @@ class SDFineTune(L.LightningModule):
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
 
+    def setup(self, stage: str) -> None:
+        settings = getattr(getattr(self.trainer, "datamodule", None), "latent_settings", None)
+        if settings is None:
+            return
+        hp, scaling = self.hparams, float(self.vae.config.scaling_factor)
+        mine = (hp.pretrained, hp.revision, scaling)
+        theirs = (settings.vae, settings.revision, settings.scaling_factor)
+        if mine != theirs:
+            raise ValueError(
+                f"data.shards: the latents were encoded with VAE {settings.vae!r} (revision {settings.revision}, "
+                f"scaling {settings.scaling_factor}) but model.pretrained is {hp.pretrained!r} (revision "
+                f"{hp.revision}, scaling {scaling}); re-encode with this model's VAE or train from images"
+            )
+
     def on_fit_start(self) -> None:
         # Frozen parts run in the autocast dtype on GPU (as diffusers' scripts do); fp32 on CPU.
         if "bf16" in str(self.trainer.precision) and self.device.type == "cuda":
@@ -147,7 +161,10 @@ class SDFineTune(L.LightningModule):
 
     def compute_loss(self, batch: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
         """The diffusion loss of one batch; all randomness comes from `generator`."""
-        latents = self.encode_images(batch["pixel_values"], generator)  # (B, 4, h, w)
+        if "latents" in batch:  # latent shards: encoded ahead of time (posterior mean)
+            latents = batch["latents"].to(self.device)  # (B, 4, h, w)
+        else:
+            latents = self.encode_images(batch["pixel_values"], generator)  # (B, 4, h, w)
         text_states = self.encode_text(batch["caption"])  # (B, 77, D)
         noise = sample_noise(latents, self.hparams.noise_offset, generator)  # (B, 4, h, w)
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
