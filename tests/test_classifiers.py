@@ -1,0 +1,131 @@
+"""Classifier configs train on CPU and report held-out metrics; sklearn baselines; the benchmark; metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_tools.digits import digits
+from data_tools.encode_latents import encode_latents
+from data_tools.make_shards import make_shards
+from sdtune.cli import main
+from sdtune.data.classification import ClassificationDataModule
+from sdtune.data.tables import heldout_split, read_table
+from sdtune.eval.classification import classification_metrics
+from sdtune.latent import sklearn_baselines
+from sdtune.latent.augment import Interpolate
+from sdtune.latent.benchmark import benchmark
+from sdtune.models.classifier import load_classifier
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "latent").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def digit_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """15 digits per class at 32 px: image shards and tiny-VAE latent shards (4 x 16 x 16)."""
+    root = tmp_path_factory.mktemp("digits")
+    digits(root / "images", size=32, max_per_class=15)
+    make_shards(root / "images", root / "shards", resolution=32, samples_per_shard=50, class_folders=True)
+    encode_latents(str(root / "shards"), str(root / "latents"), batch_size=32)
+    return root / "shards", root / "latents"
+
+
+def test_metrics_match_sklearn() -> None:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score
+
+    rng = np.random.default_rng(0)
+    targets = rng.integers(0, 4, 200)
+    predictions = np.where(rng.random(200) < 0.6, targets, rng.integers(0, 4, 200))
+    metrics = classification_metrics(predictions, targets, 4)
+    assert metrics["accuracy"] == pytest.approx(accuracy_score(targets, predictions))
+    assert metrics["macro_f1"] == pytest.approx(f1_score(targets, predictions, average="macro"))
+    assert metrics["confusion"] == confusion_matrix(targets, predictions).tolist()
+
+
+def test_heldout_split_is_stratified_fixed_and_shared_by_latents_and_pixels(digit_data: tuple[Path, Path]) -> None:
+    shards, latents = digit_data
+    images, codes = read_table(str(shards), "t"), read_table(str(latents), "t")
+    assert images.keys == codes.keys and torch.equal(images.labels, codes.labels)
+    train, val = heldout_split(images.keys, images.labels, 0.2)
+    assert heldout_split(images.keys[::-1], images.labels.flip(0), 0.2)[1] != val  # indices move with order...
+    reversed_val = heldout_split(images.keys[::-1], images.labels.flip(0), 0.2)[1]
+    assert {images.keys[::-1][i] for i in reversed_val} == {images.keys[i] for i in val}  # ...the keys do not
+    assert torch.bincount(images.labels[val]).tolist() == [3] * 10 and not set(train) & set(val)
+
+
+def test_decoded_augmentation_gives_pixel_classifiers_images(digit_data: tuple[Path, Path]) -> None:
+    shards, latents = digit_data
+    data = ClassificationDataModule(str(shards), latents=str(latents), augment=[Interpolate()], synthetic_only=True)
+    data.setup("fit")
+    inputs, labels = data.training_set()
+    assert inputs.shape == (120, 3, 32, 32) and inputs.min() >= -1 and inputs.max() <= 1
+    assert torch.equal(labels, data.train.labels)
+    with pytest.raises(ValueError, match="data.latents: augmenting a pixel classifier"):
+        ClassificationDataModule(str(shards), augment=[Interpolate()]).setup("fit")
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_classifier_config_trains_and_reports_heldout_metrics(
+    config: Path, digit_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    shards, latents = digit_data
+    first_line = config.read_text().splitlines()[0]
+    assert first_line == f"# python train.py fit --config configs/latent/{config.name}", first_line
+    data = str(latents if "shards: data/digits/latents" in config.read_text() else shards)
+    main(
+        ["fit", "--config", str(config), "--data.init_args.shards", data, "--trainer.max_epochs", "2"]
+        + ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false"]
+    )
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_heldout"] == 30 and metrics["num_train"] == 120 and len(metrics["classes"]) == 10
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and 0.0 <= metrics["macro_f1"] <= 1.0
+    confusion = np.array(metrics["confusion"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 30
+    assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / 30)
+    # The exported network reloads (safetensors) and reproduces the reported accuracy.
+    net, info = load_classifier(tmp_path / "classifier")
+    table = read_table(data, "t")
+    inputs = table.inputs if info["input"] == "latents" else _resize(table.inputs, info["image_size"])
+    _, val = heldout_split(table.keys, table.labels, 0.2)
+    with torch.no_grad():
+        predictions = net(inputs[val]).argmax(dim=1)
+    assert (predictions == table.labels[val]).float().mean().item() == pytest.approx(metrics["accuracy"])
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    from sdtune.data.classification import _resize as resize
+
+    return resize(images, size)
+
+
+def test_sklearn_baselines_report_the_same_metrics(digit_data: tuple[Path, Path], tmp_path: Path) -> None:
+    results = sklearn_baselines.main(str(digit_data[1]), out=tmp_path)
+    assert set(results) == {"logreg", "random_forest", "svm"}
+    for metrics in results.values():
+        assert np.array(metrics["confusion"]).sum() == 30 and metrics["accuracy"] > 0.1  # chance is 0.1
+    assert json.loads((tmp_path / "sklearn_metrics.json").read_text()) == results
+
+
+def test_benchmark_writes_mean_and_std_over_seeds(digit_data: tuple[Path, Path], tmp_path: Path) -> None:
+    shards, latents = digit_data
+    rows = benchmark(
+        str(latents),
+        str(shards),
+        out=tmp_path,
+        classifiers=("linear", "pixel_cnn", "logreg"),
+        augmentations=("none", "smote", "synthetic_only"),
+        seeds=(0, 1, 2),
+        steps=4,
+        max_train_per_class=8,
+    )
+    assert len(rows) == 27 and {r["num_train_real"] for r in rows} == {80}
+    table = (tmp_path / "benchmark.md").read_text()
+    assert "| linear | latents |" in table and "| pixel_cnn | pixels |" in table and " ± " in table
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["rows"] == rows and saved["settings"]["seeds"] == [0, 1, 2]
+    linear_none = [r["accuracy"] for r in rows if r["classifier"] == "linear" and r["augmentation"] == "none"]
+    assert len(set(linear_none)) > 1  # seeds really differ (init and batch order)
