@@ -9,9 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from data_tools.digits import digits
-from data_tools.encode_latents import encode_latents
-from data_tools.make_shards import make_shards
 from sdtune.cli import main
 from sdtune.data.classification import ClassificationDataModule
 from sdtune.data.tables import heldout_split, read_table
@@ -22,16 +19,6 @@ from sdtune.latent.benchmark import benchmark
 from sdtune.models.classifier import load_classifier
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "latent").glob("*.yaml"))
-
-
-@pytest.fixture(scope="module")
-def digit_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """15 digits per class at 32 px: image shards and tiny-VAE latent shards (4 x 16 x 16)."""
-    root = tmp_path_factory.mktemp("digits")
-    digits(root / "images", size=32, max_per_class=15)
-    make_shards(root / "images", root / "shards", resolution=32, samples_per_shard=50, class_folders=True)
-    encode_latents(str(root / "shards"), str(root / "latents"), batch_size=32)
-    return root / "shards", root / "latents"
 
 
 def test_metrics_match_sklearn() -> None:
