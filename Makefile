@@ -1,11 +1,13 @@
 # make quickstart: set up .venv and run the tiny fine-tune on synthetic shards (CPU, a few minutes)
 # make test:       set up .venv and run lint + the whole test suite
+# make latent-benchmark / latent-report: digits -> latent shards -> classifier benchmark / HTML report
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 QS := data/quickstart
+DIGITS := data/digits
 
-.PHONY: setup system-deps quickstart test lint bench bench-remote clean
+.PHONY: setup system-deps quickstart test lint bench bench-remote latent-data latent-benchmark latent-report clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,14 +31,14 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# The SLURM tests start a real one-node cluster: Debian's slurm-wlm and munge (installed here when root;
-# without them those tests are skipped with the reason).
+# The SLURM tests start a real one-node cluster (Debian's slurm-wlm and munge) and the report test opens
+# the page in Debian's chromium: installed here when root; without them those tests are skipped with the reason.
 system-deps:
-	@if command -v slurmctld >/dev/null && command -v munged >/dev/null; then :; \
+	@if command -v slurmctld >/dev/null && command -v munged >/dev/null && command -v chromium >/dev/null; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "installing slurm-wlm and munge for the SLURM tests"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >/dev/null; \
-	else echo "slurm-wlm/munge missing and not root: the SLURM tests will be skipped"; fi
+	  echo "installing slurm-wlm, munge and chromium for the SLURM and report tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge chromium >/dev/null; \
+	else echo "slurm-wlm/munge/chromium missing and not root: the SLURM/browser tests will be skipped"; fi
 
 test: lint system-deps
 	WANDB_MODE=offline $(BIN)/python -m pytest -q
@@ -47,6 +49,29 @@ bench: setup $(QS)/shards/manifest.json
 # S3 loader vs local disk, and checkpoint-publish blocking time, against a local S3 server
 bench-remote: setup
 	$(BIN)/python -m sdtune.bench_remote
+
+# Latent workloads on sklearn's bundled digits with the tiny random VAE (offline). For the real experiment,
+# encode with an SD VAE: make latent-report VAE=stable-diffusion-v1-5/stable-diffusion-v1-5 SIZE=256
+VAE ?= tiny
+SIZE ?= 64
+$(DIGITS)/latents/manifest.json: | setup
+	$(BIN)/python -m data_tools digits --out $(DIGITS)/images --size $(SIZE)
+	$(BIN)/python -m data_tools make_shards --source $(DIGITS)/images --out $(DIGITS)/shards --resolution $(SIZE) \
+	  --samples_per_shard 200 --class_folders true
+	$(BIN)/python -m data_tools encode_latents --source $(DIGITS)/shards --out $(DIGITS)/latents --vae $(VAE)
+
+latent-data: $(DIGITS)/latents/manifest.json
+
+latent-benchmark: latent-data
+	$(BIN)/python -m sdtune.latent.benchmark --latents $(DIGITS)/latents --images $(DIGITS)/shards \
+	  --out runs/latent_benchmark --seeds [0,1,2]
+
+latent-report: latent-data
+	WANDB_MODE=offline $(BIN)/python train.py fit --config configs/latent/latent_attention.yaml
+	$(BIN)/python -m sdtune.latent.report --images $(DIGITS)/shards --latents $(DIGITS)/latents \
+	  --out runs/latent_report --classifier runs/latent_attention/classifier \
+	  $(if $(wildcard runs/latent_benchmark/benchmark.json),--benchmark runs/latent_benchmark/benchmark.json)
+	@echo "open runs/latent_report/report.html"
 
 clean:
 	rm -rf $(VENV) runs data

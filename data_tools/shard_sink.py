@@ -45,11 +45,18 @@ class ShardSink:
         self._tmp().replace(final)
         self.shards.append(ShardEntry(final.name, self._num_in_shard, sha256_file(final), final.stat().st_size))
 
-    def close(self, skipped: dict[str, int] | None = None, classes: list[str] | None = None) -> DatasetManifest:
+    def close(
+        self, skipped: dict[str, int] | None = None, classes: list[str] | None = None, latents: dict | None = None
+    ) -> DatasetManifest:
+        """Finish the last shard and write the manifest (class names and latent settings pass through)."""
         if self._writer is not None:
             self._close_shard()
         manifest = DatasetManifest(
-            shards=self.shards, resolution=self.resolution, skipped=dict(skipped or {}), classes=classes
+            shards=self.shards,
+            resolution=self.resolution,
+            skipped=dict(skipped or {}),
+            classes=classes,
+            latents=latents,
         )
         manifest.write(self.out)
         return manifest

@@ -19,6 +19,7 @@ import numpy as np
 from data_tools.shard_sink import ShardSink
 from sdtune import storage
 from sdtune.data.decode import WANTED_EXTS
+from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.tar_stream import iter_tar_samples
 
 
@@ -74,8 +75,9 @@ def subsets(
 
     def sink(folder: Path, n: int) -> ShardSink:
         per_shard = max(1, min(max_samples_per_shard, math.ceil(n / min_shards)))
-        return ShardSink(folder, per_shard)
+        return ShardSink(folder, per_shard, source_manifest.resolution if source_manifest else None)
 
+    source_manifest = read_manifest(dataset_url(source))
     sinks = {"val": sink(out / "val", val_size)} if val_size else {}
     sinks |= {str(n): sink(subset_dir(out, n), n) for n in sizes}
     errors: dict[str, int] = {}
@@ -93,7 +95,12 @@ def subsets(
                         if position - val_size < n:
                             sinks[str(n)].write(sample)
                 index += 1
-    counts = {name: s.close().num_samples for name, s in sinks.items()}
+    # Labelled and latent datasets keep their class names and encoding settings in every subset.
+    passed_on = {
+        "classes": source_manifest.classes if source_manifest else None,
+        "latents": source_manifest.latents if source_manifest else None,
+    }
+    counts = {name: s.close(**passed_on).num_samples for name, s in sinks.items()}
     (out / "subsets.json").write_text(
         json.dumps({"source": source, "seed": seed, "val_size": val_size, "sizes": sizes, "counts": counts}, indent=2)
     )

@@ -140,3 +140,18 @@ def test_sd_finetune_trains_from_latent_shards(synth_shards: Path, tmp_path: Pat
     assert len(losses) == 16 and all(np.isfinite(v).all() for v in losses.values())
     assert (run_dir / "checkpoints" / "epoch=0000-step=000016" / "manifest.json").exists()
     assert "Traceback" not in result.stderr
+
+
+def test_encoding_streams_from_and_to_s3(labelled_shards: Path, s3_endpoint: str, s3_bucket: str) -> None:
+    from data_tools.remote import upload
+
+    upload(labelled_shards, f"s3://{s3_bucket}/images")
+    out = f"s3://{s3_bucket}/latents"
+    manifest = encode_latents(f"s3://{s3_bucket}/images", out, batch_size=16)
+    assert manifest.num_samples == 96 and manifest.classes == ["circle", "square", "triangle"]
+    table = read_table(out, "test")  # read straight from S3, like a classifier would
+    assert table.inputs.shape == (96, 4, 32, 32) and table.latent_settings is not None
+    again = encode_latents(f"s3://{s3_bucket}/images", out, batch_size=16)  # all done: nothing re-encoded
+    assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
+    with pytest.raises(ValueError, match="other settings"):
+        encode_latents(f"s3://{s3_bucket}/images", out, dtype="float32")
