@@ -127,7 +127,9 @@ class ClassificationDataModule(L.LightningDataModule):
                 "(data_tools encode_latents), to augment in latent space and decode"
             )
         latents = read_table(self.latents_spec, "data.latents")
-        assert self.train is not None and latents.latent_settings is not None
+        if latents.latent_settings is None:
+            raise ValueError(f"data.latents: {self.latents_spec} holds images, not latents (see encode_latents)")
+        assert self.train is not None
         position = {key: i for i, key in enumerate(latents.keys)}
         missing = [k for k in self.train.keys if k not in position]
         if missing:

@@ -80,6 +80,10 @@ class Classifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is None:
             data = self.trainer.datamodule
+            if not all(hasattr(data, name) for name in ("in_channels", "image_size", "num_classes")):
+                raise ValueError(
+                    f"model: Classifier needs data: sdtune.data.ClassificationDataModule, got {type(data).__name__}"
+                )
             self.build(data.in_channels, data.image_size, data.num_classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
