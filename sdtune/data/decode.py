@@ -50,6 +50,16 @@ class ImageLimits:
     max_pixels: int
 
 
+def _json_field(sample: RawSample, name: str, bad_reason: str) -> object:
+    """Field `name` of the sample's `.json` object (None if absent); a non-object is a `bad_reason` sample."""
+    raw = sample["json"]
+    assert isinstance(raw, bytes)
+    try:
+        return json.loads(raw).get(name)
+    except (ValueError, AttributeError) as err:
+        raise BadSample(bad_reason, "json is not an object") from err
+
+
 def decode_caption(sample: RawSample) -> str:
     if "txt" in sample:
         raw = sample["txt"]
@@ -59,12 +69,7 @@ def decode_caption(sample: RawSample) -> str:
         except UnicodeDecodeError as err:
             raise BadSample("bad_caption", "txt is not UTF-8") from err
     elif "json" in sample:
-        raw = sample["json"]
-        assert isinstance(raw, bytes)
-        try:
-            caption = json.loads(raw).get("caption")
-        except (ValueError, AttributeError) as err:
-            raise BadSample("bad_caption", "json is not an object") from err
+        caption = _json_field(sample, "caption", "bad_caption")
         if caption is None:
             raise BadSample("missing_caption", "json has no 'caption'")
         if not isinstance(caption, str):
@@ -136,12 +141,7 @@ def decode_label(sample: RawSample) -> int:
         except (UnicodeDecodeError, ValueError) as err:
             raise BadSample("bad_label", f"cls is not an integer: {raw[:20]!r}") from err
     if "json" in sample:
-        raw = sample["json"]
-        assert isinstance(raw, bytes)
-        try:
-            label = json.loads(raw).get("label")
-        except (ValueError, AttributeError) as err:
-            raise BadSample("bad_label", "json is not an object") from err
+        label = _json_field(sample, "label", "bad_label")
         if isinstance(label, int) and not isinstance(label, bool):
             return label
         if label is not None:
