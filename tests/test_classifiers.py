@@ -116,3 +116,23 @@ def test_benchmark_writes_mean_and_std_over_seeds(digit_data: tuple[Path, Path],
     assert saved["rows"] == rows and saved["settings"]["seeds"] == [0, 1, 2]
     linear_none = [r["accuracy"] for r in rows if r["classifier"] == "linear" and r["augmentation"] == "none"]
     assert len(set(linear_none)) > 1  # seeds really differ (init and batch order)
+
+
+def test_unlabelled_and_badly_labelled_samples_are_skipped_and_counted(tmp_path: Path) -> None:
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 10, 10)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    with wds.TarWriter(str(tmp_path / "shard-000000.tar")) as writer:
+        writer.write({"__key__": "a", "png": png, "cls": "1"})
+        writer.write({"__key__": "b", "png": png, "json": {"label": 0}})
+        writer.write({"__key__": "c", "png": png, "cls": "one"})
+        writer.write({"__key__": "d", "png": png, "txt": "no label"})
+        writer.write({"__key__": "e", "png": png, "json": {"label": "zero"}})
+    table = read_table(str(tmp_path), "data.shards", image_size=16)
+    assert table.labels.tolist() == [1, 0] and table.classes == ["0", "1"]
+    assert table.skipped == {"bad_label": 2, "missing_label": 1}
