@@ -62,6 +62,7 @@ def test_report_numbers_and_a_self_contained_page(report_page: Path) -> None:
     assert len(sources) == 7 and all(s.startswith("data:image/png;base64,") for s in sources)
     assert "href=" not in page and "<script" not in page
     assert "randomly initialised test VAE" in page  # the tiny-VAE caveat is on the page
+    assert "held-out set (never seen in training)" in page  # attention shown on the classifier's held-out images
     for title in ("reconstruct", "same class", "augmentation move", "look like", "attention", "latents vs pixels"):
         assert title in page, title
 

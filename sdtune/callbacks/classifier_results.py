@@ -30,6 +30,7 @@ class ClassifierResults(L.Callback):
             "classes": data.train.classes,
             "input": data.input_kind,
             "latent_settings": data.train.latent_settings.to_json() if data.train.latent_settings else None,
+            "split": {"val_fraction": data.val_fraction, "split_seed": data.split_seed},
         }
         pl_module.export(folder / "classifier", extra)
         metrics = {

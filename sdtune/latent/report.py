@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from sdtune.data.latents import decode
-from sdtune.data.tables import LabelledTable, read_table
+from sdtune.data.tables import LabelledTable, heldout_split, read_table
 from sdtune.latent import plots
 from sdtune.latent.augment import SMOTE, Extrapolate, GaussianNoise, Interpolate, LatentAugmentation
 from sdtune.latent.html import render_page
@@ -170,12 +170,18 @@ def augmentation_section(
     return section, decoded
 
 
-def attention_section(classifier_dir: Path, table: LabelledTable, images: torch.Tensor, num: int) -> Section | None:
+def attention_section(
+    classifier_dir: Path, table: LabelledTable, images: torch.Tensor, num: int, heldout_keys: set[str] | None
+) -> Section | None:
     net, info = load_classifier(classifier_dir)
     if not isinstance(net, PatchTransformer) or info.get("input") != "latents":
         log.warning("report: %s is not an attention classifier on latents; no attention view", classifier_dir)
         return None
-    chosen = _one_per_class(table.labels, num)
+    # Only images the classifier never trained on (its held-out split), when the split is known.
+    candidates = [i for i, key in enumerate(table.keys) if heldout_keys is None or key in heldout_keys]
+    if not candidates:  # trained on other data: its split says nothing about these images
+        heldout_keys, candidates = None, list(range(len(table)))
+    chosen = [candidates[i] for i in _one_per_class(table.labels[candidates], num)]
     maps = net.cls_attention(table.inputs[chosen])  # (num, grid, grid)
     with torch.no_grad():
         predicted = net(table.inputs[chosen]).argmax(dim=1)
@@ -193,7 +199,8 @@ def attention_section(classifier_dir: Path, table: LabelledTable, images: torch.
         "5. Where does the attention classifier look?",
         "The attention classifier reads the latent as a grid of patches. The heat map shows how much its "
         "summary token attends to each patch (attention rollout over all layers), laid over the original "
-        "image: red areas drove the decision most.",
+        "image: red areas drove the decision most. "
+        + ("The images are from its held-out set (never seen in training)." if heldout_keys is not None else ""),
         figures,
     )
 
@@ -219,6 +226,16 @@ def benchmark_section(benchmark_json: Path) -> Section:
         "('synthetic_only': no real training image at all).",
         table=[header, *body],
     )
+
+
+def _heldout_keys(classifier_dir: Path, latents: str) -> set[str] | None:
+    """The keys of the classifier's held-out split (recomputed from the full dataset), if it recorded one."""
+    split = json.loads((classifier_dir / "classifier.json").read_text()).get("split")
+    if not split:
+        return None
+    full = read_table(latents, "--latents")
+    _, val = heldout_split(full.keys, full.labels, split["val_fraction"], split["split_seed"])
+    return {full.keys[i] for i in val}
 
 
 def _one_per_class(labels: torch.Tensor, num: int) -> list[int]:
@@ -287,7 +304,7 @@ def report(
         )
     )
     if classifier is not None:
-        attention = attention_section(classifier, latent_table, pictures, num_strip)
+        attention = attention_section(classifier, latent_table, pictures, num_strip, _heldout_keys(classifier, latents))
         if attention is not None:
             sections.append(attention)
     if benchmark is not None:
