@@ -3,6 +3,7 @@ slurm-wlm, with their own key, sockets, ports and spool folders under a temp fol
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
@@ -150,6 +151,12 @@ class LocalSlurm:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not pending after its requeue: {self.job(job_id)}")
             time.sleep(0.2)
+        # slurmd revokes the old run's job credential at the requeue, with 1-second granularity: a run started
+        # within the same wall-clock second is killed as "Job credential revoked" (seen once in CI). Start it
+        # only once the clock has moved on to a later second.
+        release_at = math.floor(time.time()) + 2
+        while time.time() < release_at:
+            time.sleep(0.1)
         self.scontrol("update", f"JobId={job_id}", "StartTime=now")
 
     def wait_for(self, job_id: str, states: set[str], timeout: float) -> dict[str, str]:
