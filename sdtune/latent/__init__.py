@@ -1,1 +1,3 @@
-"""The VAE latent space: latent shards, tables for classifiers, augmentation, analysis report."""
+"""The VAE latent space: latent augmentation, sklearn baselines, the classifier benchmark, the analysis report.
+
+Latent shards (format, settings) and labelled tables live in `sdtune.data`."""
