@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from sdtune.data.latents import decode
 from sdtune.data.tables import LabelledTable, heldout_split, read_table
 from sdtune.latent.augment import LatentAugmentation
-from sdtune.models.components import load_vae
+from sdtune.models.components import load_vae_of
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"data.latents: {len(missing)} training image(s) have no latent, e.g. {missing[0]}")
         self.train_latents = latents.subset([position[k] for k in self.train.keys])
         settings = latents.latent_settings
-        self.vae = load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
+        self.vae = load_vae_of(settings)
 
     def synthetic(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The augmentations' samples for `epoch`: latents, or images decoded from them for pixel inputs
@@ -154,8 +154,7 @@ class ClassificationDataModule(L.LightningDataModule):
         if self.train_latents is None:
             return new_latents, new_labels
         assert self.vae is not None and source.latent_settings is not None
-        images = [decode(self.vae, chunk, source.latent_settings) for chunk in new_latents.split(64)]
-        self._decoded = (_resize(torch.cat(images), self.image_size), new_labels)
+        self._decoded = (_resize(decode(self.vae, new_latents, source.latent_settings), self.image_size), new_labels)
         return self._decoded
 
     def train_dataloader(self) -> DataLoader:

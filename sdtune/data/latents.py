@@ -100,10 +100,13 @@ def encode(vae: AutoencoderKL, pixels: torch.Tensor, settings: LatentSettings) -
 
 
 @torch.no_grad()
-def decode(vae: AutoencoderKL, latents: torch.Tensor, settings: LatentSettings) -> torch.Tensor:
-    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32 on the CPU."""
-    raw = latents.to(vae.device, vae.dtype) / settings.scaling_factor + (settings.shift_factor or 0.0)
-    return vae.decode(raw).sample.float().clamp(-1, 1).cpu()
+def decode(vae: AutoencoderKL, latents: torch.Tensor, settings: LatentSettings, batch_size: int = 64) -> torch.Tensor:
+    """Scaled latents (B, C, h, w) -> images (B, 3, H, W) in [-1, 1], float32 on the CPU, `batch_size` at a time."""
+    images = []
+    for chunk in latents.split(batch_size):
+        raw = chunk.to(vae.device, vae.dtype) / settings.scaling_factor + (settings.shift_factor or 0.0)
+        images.append(vae.decode(raw).sample.float().clamp(-1, 1).cpu())
+    return torch.cat(images)
 
 
 def latent_members(latent: np.ndarray, flipped: np.ndarray | None, settings: LatentSettings) -> dict[str, bytes]:

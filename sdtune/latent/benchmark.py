@@ -168,10 +168,19 @@ def summarise(rows: list[dict], metric: str) -> dict[tuple[str, str], tuple[floa
     return {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in cells.items()}
 
 
-def write_tables(rows: list[dict], out: Path, settings: dict) -> Path:
-    classifiers = list(dict.fromkeys(r["classifier"] for r in rows))
+def table_rows(rows: list[dict], metric: str) -> list[list[str]]:
+    """A header and one row per classifier: its input, then `mean ± std` of `metric` per augmentation."""
+    table = summarise(rows, metric)
     augmentations = list(dict.fromkeys(r["augmentation"] for r in rows))
     inputs = {r["classifier"]: r["input"] for r in rows}
+    body = [
+        [name, inputs[name], *(f"{table[(name, a)][0]:.3f} ± {table[(name, a)][1]:.3f}" for a in augmentations)]
+        for name in dict.fromkeys(r["classifier"] for r in rows)
+    ]
+    return [["classifier", "input", *augmentations], *body]
+
+
+def write_tables(rows: list[dict], out: Path, settings: dict) -> Path:
     lines = [
         "# Latent classification benchmark",
         "",
@@ -180,12 +189,9 @@ def write_tables(rows: list[dict], out: Path, settings: dict) -> Path:
         "",
     ]
     for metric in ("accuracy", "macro_f1"):
-        table = summarise(rows, metric)
-        lines += [f"## {metric}", "", "| classifier | input | " + " | ".join(augmentations) + " |"]
-        lines.append("|---|---|" + "---:|" * len(augmentations))
-        for name in classifiers:
-            cells = [f"{table[(name, a)][0]:.3f} ± {table[(name, a)][1]:.3f}" for a in augmentations]
-            lines.append(f"| {name} | {inputs[name]} | " + " | ".join(cells) + " |")
+        header, *body = table_rows(rows, metric)
+        lines += [f"## {metric}", "", "| " + " | ".join(header) + " |", "|---|---|" + "---:|" * (len(header) - 2)]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
         lines.append("")
     (out / "benchmark.md").write_text("\n".join(lines))
     with (out / "benchmark.csv").open("w", newline="") as f:

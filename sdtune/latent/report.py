@@ -29,7 +29,7 @@ from sdtune.latent.html import render_page
 from sdtune.latent.quality import lpips_or_none, psnr, ssim
 from sdtune.models.classifier import load_classifier
 from sdtune.models.classifier_nets import PatchTransformer
-from sdtune.models.components import load_vae
+from sdtune.models.components import load_vae_of
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def augmentation_section(
     for name, transform in REPORT_AUGMENTATIONS.items():
         made, _ = transform(table.inputs, table.labels, torch.Generator().manual_seed(seed))
         made = made[: len(table)]
-        pictures = torch.cat([decode(vae, chunk, settings) for chunk in made.split(64)])
+        pictures = decode(vae, made, settings)
         latent_distances[name] = _nearest_distance(made, table.inputs) / real_latent
         pixel_distances[name] = _nearest_distance(pictures, images) / real_pixel
         decoded[name] = pictures
@@ -206,25 +206,16 @@ def attention_section(
 
 
 def benchmark_section(benchmark_json: Path) -> Section:
-    from sdtune.latent.benchmark import summarise
+    from sdtune.latent.benchmark import table_rows
 
     saved = json.loads(benchmark_json.read_text())
-    rows = saved["rows"]
-    table = summarise(rows, "accuracy")
-    augmentations = list(dict.fromkeys(r["augmentation"] for r in rows))
-    inputs = {r["classifier"]: r["input"] for r in rows}
-    header = ["classifier", "input", *augmentations]
-    body = [
-        [name, inputs[name], *(f"{table[(name, a)][0]:.3f} ± {table[(name, a)][1]:.3f}" for a in augmentations)]
-        for name in dict.fromkeys(r["classifier"] for r in rows)
-    ]
     settings = saved["settings"]
     return Section(
         "6. Classifiers on latents vs pixels, with and without augmentation",
         f"Held-out accuracy, mean ± standard deviation over seeds {settings['seeds']}, each classifier trained "
         f"on {settings['max_train_per_class']} real images per class plus the augmentation's synthetic samples "
         "('synthetic_only': no real training image at all).",
-        table=[header, *body],
+        table=table_rows(saved["rows"], "accuracy"),
     )
 
 
@@ -281,8 +272,8 @@ def report(
     if missing:
         raise ValueError(f"--images: {len(missing)} latent(s) have no image with the same key, e.g. {missing[0]}")
     pictures = image_table.subset([position[k] for k in latent_table.keys]).inputs
-    vae = load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
-    recon = torch.cat([decode(vae, chunk, settings) for chunk in latent_table.inputs.split(64)])
+    vae = load_vae_of(settings)
+    recon = decode(vae, latent_table.inputs, settings)
 
     numbers: dict = {"num_samples": len(latent_table), "classes": latent_table.classes, "latents": settings.to_json()}
     sections = [

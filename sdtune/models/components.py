@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -105,3 +106,8 @@ def load_vae(pretrained: str, revision: str | None = None, subfolder: str | None
 def vae_scale_factor(vae: AutoencoderKL) -> int:
     """Pixel-to-latent downsampling, read from the VAE config (8 for SD, 2 for the tiny preset)."""
     return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def load_vae_of(settings: Any) -> AutoencoderKL:
+    """The VAE (in eval mode) that made a latent cache, from its `sdtune.data.latents.LatentSettings`."""
+    return load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
