@@ -12,6 +12,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
+from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
 from sdtune.checkpoint.layout import CheckpointRef, find_latest_checkpoint, parse_tag, verify_checkpoint
 from sdtune.checkpoint.remote import Remote, fetch_checkpoint
@@ -91,7 +92,8 @@ class SDTuneCLI(LightningCLI):
         parser.add_dataclass_arguments(DistributedSettings, "distributed")
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling."""
+        """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling;
+        every run gets a `StepLog`."""
         config = self.config_init[self.subcommand]
         trainer_config = config["trainer"]
         callbacks = list(trainer_config.get("callbacks") or [])
@@ -112,10 +114,14 @@ class SDTuneCLI(LightningCLI):
         )
         plugins = trainer_config.get("plugins") or []
         kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + cluster_plugins()
+        added: list[L.Callback] = []
         if any(isinstance(c, PeriodicCheckpoint) for c in callbacks) and not any(
             isinstance(c, Preemption) for c in callbacks
         ):
-            kwargs["callbacks"] = [*callbacks, Preemption()]
+            added.append(Preemption())
+        if not any(isinstance(c, StepLog) for c in callbacks):
+            added.append(StepLog())  # every run keeps its per-step history (steps.jsonl, also in checkpoints)
+        kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

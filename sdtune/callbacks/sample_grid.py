@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -112,6 +113,16 @@ class SampleGrid(Callback):
                     logger.log_image("samples", [grid], step=trainer.global_step, caption=[path.stem])
             log.info("sample grid: %s", path)
         return path
+
+    # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
+    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+        """The grid of the checkpoint's step, when one was rendered, as `samples.png`."""
+        grid = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
+        if grid.is_file():
+            shutil.copyfile(grid, folder / "samples.png")
+
+    def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
+        pass  # grids are outputs, not state
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int

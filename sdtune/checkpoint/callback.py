@@ -7,12 +7,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
 from sdtune.callbacks.ema import find_ema
-from sdtune.callbacks.sample_grid import samples_dir
 from sdtune.checkpoint.card import model_card
 from sdtune.checkpoint.layout import (
     TRAINING_STATE,
@@ -23,6 +23,7 @@ from sdtune.checkpoint.layout import (
     verify_checkpoint,
     write_manifest,
 )
+from sdtune.checkpoint.loop_state import canonicalize_loop_state
 from sdtune.checkpoint.publish import PUBLISH_LOG, Publisher
 from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote, fetch_checkpoint
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
@@ -38,6 +39,21 @@ def config_hash(trainer: L.Trainer) -> str:
     if trainer.datamodule is not None:
         hparams["data"] = dict(trainer.datamodule.hparams)
     return hashlib.sha256(json.dumps(hparams, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@runtime_checkable
+class CheckpointPart(Protocol):
+    """A callback that adds files to every checkpoint folder and reads them back when a run resumes."""
+
+    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+        """Rank 0: put this part's files into `folder` (the checkpoint being written, before its manifest)."""
+
+    def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
+        """Every rank, at fit start: the checkpoint folder being resumed, or None for a fresh run."""
+
+
+def checkpoint_parts(trainer: L.Trainer) -> list[CheckpointPart]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, CheckpointPart)]
 
 
 class PeriodicCheckpoint(Checkpoint):
@@ -137,12 +153,21 @@ class PeriodicCheckpoint(Checkpoint):
         """Save after the current step (the preemption callback asks for this on every rank)."""
         self._save_requested = True
 
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        canonicalize_loop_state(checkpoint)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        canonicalize_loop_state(checkpoint)  # runs before Lightning restores its loops from `checkpoint`
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         root = self.checkpoint_dir(trainer)
         if trainer.is_global_zero and root.is_dir():
             for leftover in root.glob(".tmp-*"):  # writes cut short by a crash
                 log.warning("removing incomplete checkpoint write %s", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
+        resumed = root / self.resume_from[0] if self.resume_from else None
+        for part in checkpoint_parts(trainer):
+            part.read_from_checkpoint(trainer, resumed)
         remotes = self.remotes()
         if trainer.is_global_zero and remotes:
             root.mkdir(parents=True, exist_ok=True)
@@ -187,7 +212,7 @@ class PeriodicCheckpoint(Checkpoint):
         )  # full state; every rank takes part; the strategy picks writers
         unet = pl_module.unet_for_export()  # every rank: FSDP gathers the shards to rank 0 here
         if trainer.is_global_zero:
-            self._write_weights(trainer, pl_module, tmp, tag, unet)
+            self._write_files(trainer, pl_module, tmp, unet)
             write_manifest(tmp, self._meta(trainer, pl_module))
             shutil.rmtree(final, ignore_errors=True)  # a broken folder of the same step (from a crash)
             tmp.rename(final)
@@ -201,18 +226,15 @@ class PeriodicCheckpoint(Checkpoint):
         self.last_saved = final
         return final
 
-    def _write_weights(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, tag: str, unet: object
-    ) -> None:
+    def _write_files(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, unet: object) -> None:
         pl_module.export_weights(folder, unet=unet)
         ema = find_ema(trainer)
         if ema is not None:
             # EMA is refused with FSDP on several ranks (sdtune.distributed), so rank 0 alone may gather here.
             with ema.swapped_in(pl_module):
                 pl_module.export_weights(folder, suffix="_ema", unet=pl_module.unet_for_export())
-        grid = samples_dir(trainer) / f"{tag}.png"
-        if grid.is_file():
-            shutil.copyfile(grid, folder / "samples.png")
+        for part in checkpoint_parts(trainer):
+            part.write_to_checkpoint(trainer, folder)
 
     @staticmethod
     def _meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, object]:
