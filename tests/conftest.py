@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -18,6 +21,7 @@ import yaml
 
 from data_tools.make_shards import make_shards
 from data_tools.synth import synth
+from sdtune.checkpoint.layout import parse_tag
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -181,3 +185,78 @@ def read_losses(run_dir: Path) -> dict[int, list[float]]:
                 if row.get("train/loss"):
                     losses.setdefault(int(row["step"]), []).append(float(row["train/loss"]))
     return losses
+
+
+def quickstart_callbacks(**checkpoint: object) -> list[dict]:
+    """The quickstart config's callbacks (EMA, sample grid, data stats, checkpoints), with `checkpoint` init_args
+    overrides for its PeriodicCheckpoint."""
+    callbacks = yaml.safe_load(QUICKSTART.read_text())["trainer"]["callbacks"]
+    for callback in callbacks:
+        if callback["class_path"].endswith("PeriodicCheckpoint"):
+            callback["init_args"].update(checkpoint)
+    return callbacks
+
+
+@dataclass(frozen=True)
+class Kill:
+    """One SIGKILL of a launch: at `startup` (after `seconds`), when the step log reaches step `step`, while
+    the checkpoint of step `step` is `writing`, or at the epoch `boundary` (once that checkpoint is complete)."""
+
+    when: str
+    step: int = 0
+    seconds: float = 0.0
+
+
+def kill_plan(seed: int, checkpoint_steps: list[int], steps_per_epoch: int, kinds: list[str]) -> list[Kill]:
+    """Seeded kills in the order of `kinds`; each one after the progress the previous ones forced, so the run
+    advances between them. `checkpoint_steps`: the steps at which the run writes a checkpoint."""
+    rng = random.Random(seed)
+    plan, progress = [], 0
+    for kind in kinds:
+        if kind == "startup":
+            plan.append(Kill("startup", seconds=round(rng.uniform(0.5, 5.0), 2)))
+            continue
+        if kind == "step":
+            step = progress + rng.randint(2, steps_per_epoch // 2)
+            step += step % steps_per_epoch == 0  # mid-epoch
+        elif kind == "writing":
+            step = min(s for s in checkpoint_steps if s > progress)
+        else:
+            step = (progress // steps_per_epoch + 1) * steps_per_epoch
+        plan.append(Kill(kind, step=step))
+        progress = step
+    return plan
+
+
+def kill_condition(kill: Kill, run_dir: Path) -> Callable[[], bool]:
+    """True once `kill` is due for the launch started now (files left by earlier launches do not count)."""
+    started_ns, started = time.time_ns(), time.monotonic()
+    checkpoints = run_dir / "checkpoints"
+
+    def fresh(path: Path) -> bool:
+        try:
+            return path.stat().st_mtime_ns > started_ns
+        except FileNotFoundError:
+            return False
+
+    def step_logged() -> bool:
+        log = run_dir / "steps.jsonl"
+        if not fresh(log):
+            return False
+        lines = log.read_bytes().splitlines()
+        return bool(lines) and json.loads(lines[-1])["step"] >= kill.step
+
+    def writing() -> bool:
+        folders = checkpoints.glob(".tmp-epoch=*")
+        return any(fresh(p) and parse_tag(p.name.removeprefix(".tmp-"))[0] >= kill.step for p in folders)
+
+    def boundary_written() -> bool:
+        return any(fresh(p) for p in checkpoints.glob(f"epoch=*-step={kill.step:06d}/manifest.json"))
+
+    conditions = {
+        "startup": lambda: time.monotonic() - started >= kill.seconds,
+        "step": step_logged,
+        "writing": writing,
+        "boundary": boundary_written,
+    }
+    return conditions[kill.when]

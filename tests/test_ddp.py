@@ -16,9 +16,19 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sdtune.callbacks.step_log import STEP_LOG
 from sdtune.checkpoint.layout import TRAINING_STATE, find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from sdtune.checkpoint.state_file import load_state
-from tests.conftest import REPO, kill_when, run_train, train_command, train_config, train_env
+from tests.conftest import (
+    REPO,
+    kill_condition,
+    kill_plan,
+    kill_when,
+    run_train,
+    train_command,
+    train_config,
+    train_env,
+)
 from tests.test_resume import assert_same_run
 
 pytestmark = pytest.mark.slow
@@ -184,3 +194,23 @@ def test_nan_on_one_rank_is_skipped_on_both(tmp_path: Path, synth_shards: Path) 
     assert result.returncode != 0 and "2 non-finite losses in a row" in result.stderr, result.stderr[-3000:]
     latest = find_latest_checkpoint(run_dir / "checkpoints")
     assert latest.step == 5 and verify_checkpoint(latest.path) is None
+
+
+def test_three_kills_then_the_same_run(tmp_path: Path, synth_shards: Path, ddp_reference: Path) -> None:
+    """Killed mid-epoch, during a checkpoint write and at an epoch boundary, relaunched each time: both ranks
+    end as in the uninterrupted run (rank 0's step history, weights, EMA, per-rank weight fingerprints)."""
+    run_dir = tmp_path / "run"
+    config = ddp_config(run_dir, synth_shards)
+    checkpoint_steps = sorted(set(range(5, MAX_STEPS + 1, 5)) | set(range(8, MAX_STEPS + 1, BATCHES_PER_EPOCH)))
+    plan = kill_plan(21, checkpoint_steps, BATCHES_PER_EPOCH, ["step", "writing", "boundary"])
+    assert max(kill.step for kill in plan) < MAX_STEPS, plan
+    for kill in plan:
+        kill_when(config, kill_condition(kill, run_dir))
+    run_train(config, "--resume", "auto")
+    assert (run_dir / STEP_LOG).read_text() == (ddp_reference / STEP_LOG).read_text()
+    final = f"epoch=0002-step={MAX_STEPS:06d}"
+    for name in ("unet/diffusion_pytorch_model.safetensors", "unet_ema/diffusion_pytorch_model.safetensors"):
+        assert (run_dir / "checkpoints" / final / name).read_bytes() == (
+            ddp_reference / "checkpoints" / final / name
+        ).read_bytes()
+    assert fingerprints(run_dir) == fingerprints(ddp_reference)

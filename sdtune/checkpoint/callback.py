@@ -258,7 +258,12 @@ class PeriodicCheckpoint(Checkpoint):
         """Delete all but the newest `keep_last` complete checkpoints (size check only: cheap)."""
         complete = [ref for ref in list_checkpoints(root) if verify_checkpoint(ref.path, check_hashes=False) is None]
         for ref in complete[self.keep_last :]:
-            shutil.rmtree(ref.path, ignore_errors=True)
+            # Renamed first: a kill during the deletion leaves a temp folder (removed at the next start), never
+            # a half-deleted checkpoint that looks like one.
+            trash = root / f".tmp-pruned-{ref.path.name}"
+            shutil.rmtree(trash, ignore_errors=True)
+            ref.path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
 
 
 def find_checkpoint_callback(trainer: L.Trainer) -> PeriodicCheckpoint | None:
