@@ -100,9 +100,15 @@ def run_train(
     return result
 
 
-def kill_when(config: Path, condition, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+def kill_when(
+    config: Path,
+    condition,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    signum: int = signal.SIGKILL,
+) -> str:
     """Start training, SIGKILL it (and every rank it launched) as soon as `condition()` holds (polled every
-    2 ms); returns its stderr."""
+    2 ms); returns its stderr. With `signum=SIGUSR1` (a preemption) the run checkpoints and exits by itself."""
     stderr = tempfile.TemporaryFile()  # a file, not a pipe: a full pipe would block a chatty run
     process = subprocess.Popen(
         train_command(config, "--resume", "auto"),
@@ -117,8 +123,9 @@ def kill_when(config: Path, condition, timeout: float = 300, env: dict[str, str]
             assert process.poll() is None, f"training ended before the kill: {_read_back(stderr)[-3000:]}"
             assert time.monotonic() < deadline, "condition not reached in time"
             time.sleep(0.002)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
+        os.killpg(process.pid, signum)
+        returncode = process.wait(timeout=60)
+        assert signum == signal.SIGKILL or returncode == 0, f"rc {returncode}: {_read_back(stderr)[-3000:]}"
         return _read_back(stderr)
     finally:
         if process.poll() is None:
@@ -200,11 +207,16 @@ def quickstart_callbacks(**checkpoint: object) -> list[dict]:
 @dataclass(frozen=True)
 class Kill:
     """One SIGKILL of a launch: at `startup` (after `seconds`), when the step log reaches step `step`, while
-    the checkpoint of step `step` is `writing`, or at the epoch `boundary` (once that checkpoint is complete)."""
+    the checkpoint of step `step` is `writing`, or at the epoch `boundary` (once that checkpoint is complete);
+    or a SIGUSR1 (`preempt`) when the step log reaches `step`: the run checkpoints there and stops."""
 
     when: str
     step: int = 0
     seconds: float = 0.0
+
+    @property
+    def signum(self) -> int:
+        return signal.SIGUSR1 if self.when == "preempt" else signal.SIGKILL
 
 
 def kill_plan(seed: int, checkpoint_steps: list[int], steps_per_epoch: int, kinds: list[str]) -> list[Kill]:
@@ -216,7 +228,7 @@ def kill_plan(seed: int, checkpoint_steps: list[int], steps_per_epoch: int, kind
         if kind == "startup":
             plan.append(Kill("startup", seconds=round(rng.uniform(0.5, 5.0), 2)))
             continue
-        if kind == "step":
+        if kind in ("step", "preempt"):
             step = progress + rng.randint(2, steps_per_epoch // 2)
             step += step % steps_per_epoch == 0  # mid-epoch
         elif kind == "writing":
@@ -256,6 +268,7 @@ def kill_condition(kill: Kill, run_dir: Path) -> Callable[[], bool]:
     conditions = {
         "startup": lambda: time.monotonic() - started >= kill.seconds,
         "step": step_logged,
+        "preempt": step_logged,
         "writing": writing,
         "boundary": boundary_written,
     }

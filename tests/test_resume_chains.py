@@ -1,7 +1,7 @@
 """Exact resume after MANY interruptions: runs resumed again and again (at epoch ends, mid-epoch, with and
-without max_steps) and runs SIGKILLed at 8 seeded moments (start-up, mid-epoch, during a checkpoint write, at
-an epoch boundary) end bitwise equal to the run never interrupted: checkpoint tag, per-step history (loss,
-learning rate, sample keys) and weights."""
+without max_steps) and runs SIGKILLed at 8 seeded moments (start-up, mid-epoch, during a checkpoint write,
+at an epoch boundary) and preempted once end bitwise equal to the run never interrupted: checkpoint tag,
+per-step history (loss, learning rate, sample keys) and weights."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ WEIGHT_FILES = (
     STEP_LOG,
     "samples.png",
 )
-# Start-up, mid-epoch, checkpoint writing and the epoch boundary, twice each, interleaved.
-KILL_KINDS = ["startup", "step", "writing", "step", "boundary", "startup", "writing", "step"]
+# SIGKILLs at start-up, mid-epoch, checkpoint writing and the epoch boundary, interleaved, and one preemption.
+KILL_KINDS = ["startup", "step", "writing", "step", "preempt", "boundary", "startup", "writing", "step"]
 
 
 # Three steps (0-based indices) have a NaN loss and are skipped: checkpoints after a skip resume exactly too.
@@ -103,7 +103,7 @@ def test_resumed_runs_resumed_again_and_again(tmp_path: Path, synth_shards: Path
 @pytest.mark.parametrize(
     ("every_n_train_steps", "seed"), [(0, 11), (6, 12)], ids=["epoch-checkpoints", "every-6-steps"]
 )
-def test_eight_kills_then_the_same_run(
+def test_eight_kills_and_a_preemption_then_the_same_run(
     tmp_path: Path, synth_shards: Path, uninterrupted: Path, every_n_train_steps: int, seed: int
 ) -> None:
     run_dir = tmp_path / "run"
@@ -116,7 +116,7 @@ def test_eight_kills_then_the_same_run(
     plan = kill_plan(seed, checkpoint_steps, STEPS_PER_EPOCH, KILL_KINDS)
     assert max(kill.step for kill in plan) < num_steps, plan
     for kill in plan:
-        kill_when(config, kill_condition(kill, run_dir))
+        kill_when(config, kill_condition(kill, run_dir), signum=kill.signum)
         checkpoints = list_checkpoints(run_dir / "checkpoints")
         assert all(verify_checkpoint(ref.path) is None for ref in checkpoints), f"after {kill}: a broken checkpoint"
     run_train(config, "--resume", "auto")
