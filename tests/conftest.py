@@ -229,7 +229,7 @@ def kill_plan(seed: int, checkpoint_steps: list[int], steps_per_epoch: int, kind
             plan.append(Kill("startup", seconds=round(rng.uniform(0.5, 5.0), 2)))
             continue
         if kind in ("step", "preempt"):
-            step = progress + rng.randint(2, steps_per_epoch // 2)
+            step = progress + rng.randint(2, max(2, steps_per_epoch // 4))
             step += step % steps_per_epoch == 0  # mid-epoch
         elif kind == "writing":
             step = min(s for s in checkpoint_steps if s > progress)
