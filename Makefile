@@ -48,7 +48,7 @@ bench: setup $(QS)/shards/manifest.json
 
 # S3 loader vs local disk, and checkpoint-publish blocking time, against a local S3 server
 bench-remote: setup
-	$(BIN)/python -m sdtune.bench_remote
+	$(BIN)/python scripts/local_s3.py $(BIN)/python -m sdtune.bench_remote --endpoint_url {endpoint} --bucket sdtune-bench --create_bucket true
 
 # Latent workloads on sklearn's bundled digits with the tiny random VAE (offline). For the real experiment,
 # encode with an SD VAE: make latent-report VAE=stable-diffusion-v1-5/stable-diffusion-v1-5 SIZE=256

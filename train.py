@@ -1,6 +1,8 @@
-"""sdtune entry point: `python train.py fit --config configs/quickstart.yaml [--resume auto]`."""
+"""sdtune entry point: `python train.py fit --config configs/quickstart.yaml [--resume auto]` (= `sdtune fit ...`)."""
 
-from sdtune.cli import main
+import sys
+
+from sdtune.command import main
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

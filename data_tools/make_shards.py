@@ -21,10 +21,9 @@ from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from data_tools.shard_sink import ShardSink
-from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
+from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip_image
 from sdtune.data.manifest import DatasetManifest
 
 log = logging.getLogger(__name__)
@@ -82,10 +81,9 @@ def _prepare(job: tuple[Path, str | None, int, int]) -> tuple[bytes, str] | str:
         image = decode_image(raw, ImageLimits(min_side=min_side, max_pixels=64_000_000))
     except BadSample as bad:
         return bad.reason
-    pixels = resize_crop_flip(image, resolution, np.random.default_rng(0), random_crop=False, flip_prob=0.0)
-    array = ((pixels.permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
+    image = resize_crop_flip_image(image, resolution, np.random.default_rng(0), random_crop=False, flip_prob=0.0)
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    image.save(buffer, format="JPEG", quality=95)
     return buffer.getvalue(), caption.strip()
 
 

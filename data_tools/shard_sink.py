@@ -2,13 +2,47 @@
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
-import webdataset as wds
-
 from sdtune.data.manifest import DatasetManifest, ShardEntry
 from sdtune.fileio import sha256_file
+
+
+def encode_member(ext: str, value: Any) -> bytes:
+    """A member's bytes: bytes as they are, text as UTF-8, `.json` values as JSON (as webdataset encodes them)."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    if ext == "json":
+        return json.dumps(value).encode("utf-8")
+    raise ValueError(f"shard member .{ext}: cannot store a {type(value).__name__}; give bytes, str or (json) a dict")
+
+
+class TarSampleWriter:
+    """Writes samples as WebDataset tar members `<key>.<ext>` (extensions sorted, like webdataset's TarWriter).
+
+    Plain `tarfile`: making shards needs neither torch nor webdataset (whose import loads torch)."""
+
+    def __init__(self, path: Path) -> None:
+        self._tar = tarfile.open(path, "w")
+
+    def write(self, sample: dict[str, Any]) -> None:
+        key = sample["__key__"]
+        for ext in sorted(k for k in sample if not k.startswith("_")):
+            data = encode_member(ext, sample[ext])
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), time.time(), 0o444
+            info.uname = info.gname = "bigdata"
+            self._tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> None:
+        self._tar.close()
 
 
 class ShardSink:
@@ -21,7 +55,7 @@ class ShardSink:
         self.samples_per_shard = samples_per_shard
         self.resolution = resolution
         self.shards: list[ShardEntry] = []
-        self._writer: wds.TarWriter | None = None
+        self._writer: TarSampleWriter | None = None
         self._num_in_shard = 0
         out.mkdir(parents=True, exist_ok=True)
 
@@ -30,7 +64,7 @@ class ShardSink:
 
     def write(self, sample: dict[str, Any]) -> None:
         if self._writer is None:
-            self._writer = wds.TarWriter(str(self._tmp()))
+            self._writer = TarSampleWriter(self._tmp())
             self._num_in_shard = 0
         self._writer.write(sample)
         self._num_in_shard += 1

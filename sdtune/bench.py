@@ -292,4 +292,4 @@ def main(
 
 
 if __name__ == "__main__":
-    auto_cli(main, as_positional=False)
+    auto_cli(main, as_positional=False, allow_abbrev=False)

@@ -1,7 +1,7 @@
 """Measure remote storage: the shard loader from S3 against local disk, and what checkpoint publishing costs training.
 
-    python -m sdtune.bench_remote                       # starts a local S3 server (moto, dev extra) on 127.0.0.1
     python -m sdtune.bench_remote --endpoint_url https://<account>.r2.cloudflarestorage.com --bucket my-bucket
+    make bench-remote    # the same against a local S3 server on 127.0.0.1 (scripts/local_s3.py, moto: dev extra)
 
 loader:  images/s of the real ShardStream + DataLoader (decode, resize, augment) reading the same shards
          from a local folder and from s3:// (median of `repeats` epochs each), and their ratio.
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -89,22 +88,10 @@ def bench_publish(shards: Path, s3_prefix: str, workdir: Path, endpoint_url: str
     }
 
 
-def _local_s3() -> tuple[Any, str]:
-    from moto.server import ThreadedMotoServer  # dev extra
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-    return server, f"http://127.0.0.1:{port}"
-
-
 def main(
-    endpoint_url: str | None = None,
-    bucket: str | None = None,
+    endpoint_url: str,
+    bucket: str,
+    create_bucket: bool = False,
     num_images: int = 256,
     resolution: int = 512,
     workers: int = 2,
@@ -113,23 +100,20 @@ def main(
 ) -> dict[str, Any]:
     """
     Args:
-        endpoint_url: S3/R2 endpoint; without it a local S3 server is started on 127.0.0.1.
-        bucket: Existing bucket to write a temporary prefix into (created on the local server).
+        endpoint_url: S3/R2 endpoint, e.g. https://<account>.r2.cloudflarestorage.com.
+        bucket: Bucket to write a temporary prefix into.
+        create_bucket: Create the bucket first (a local test server starts empty).
         num_images: Synthetic images in the loader benchmark's dataset.
         resolution: Their size in pixels (512: real fine-tuning shard sizes, ~0.1 MB per image).
         workers: DataLoader workers.
         repeats: Epochs per loader measurement (median reported).
         mode: all, loader or publish.
     """
-    server = None
-    if endpoint_url is None:
-        server, endpoint_url = _local_s3()
     s3.configure(endpoint_url=endpoint_url)
-    bucket = bucket or "sdtune-bench"
-    if server is not None:
+    if create_bucket:
         _create_bucket(endpoint_url, bucket)
     prefix = f"s3://{bucket}/bench-{uuid.uuid4().hex[:8]}"
-    report: dict[str, Any] = {"endpoint": "local S3 server (moto)" if server else endpoint_url}
+    report: dict[str, Any] = {"endpoint": endpoint_url}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if mode in ("all", "loader"):
@@ -141,8 +125,6 @@ def main(
             make_shards(work / "small", work / "small_shards", resolution=64, samples_per_shard=16)
             report["publish"] = bench_publish(work / "small_shards", prefix, work, endpoint_url)
     print(json.dumps(report, indent=2))
-    if server is not None:
-        server.stop()
     return report
 
 
@@ -153,4 +135,4 @@ def _create_bucket(endpoint_url: str, bucket: str) -> None:
 
 
 if __name__ == "__main__":
-    auto_cli(main, as_positional=False)
+    auto_cli(main, as_positional=False, allow_abbrev=False)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,69 +12,12 @@ from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
 from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
-from sdtune.checkpoint.layout import CheckpointRef, find_latest_checkpoint, parse_tag, verify_checkpoint
-from sdtune.checkpoint.remote import Remote, fetch_checkpoint
 from sdtune.distributed import DistributedSettings, build_strategy, cluster_plugins, num_processes
+from sdtune.logs import setup_logging
 from sdtune.storage import s3
 from sdtune.storage.s3 import S3Settings
 
 log = logging.getLogger("sdtune")
-
-
-@dataclass(frozen=True)
-class ResumePlan:
-    """The checkpoint to resume from, and the remote it came from (None: it was on the local disk)."""
-
-    ref: CheckpointRef
-    remote_url: str | None = None
-
-
-def newest_remote_checkpoint(
-    remotes: list[Remote], checkpoint_dir: Path, newer_than: int, download: bool = True
-) -> ResumePlan | None:
-    """The newest complete remote checkpoint past step `newer_than`, downloaded into `checkpoint_dir` and verified.
-
-    With `download=False` (ranks other than 0) only the choice is made; rank 0 downloads, and the checkpoint
-    callback makes the ranks agree once the process group is up.
-    """
-    candidates: list[tuple[tuple[int, int], str, Remote]] = []
-    for remote in remotes:
-        try:
-            tags = remote.complete_tags()
-        except Exception as err:  # an unreachable remote must not stop a local resume
-            log.warning("resume auto: cannot list %s (%s); skipping it", remote.url, err)
-            continue
-        candidates += [(key, tag, remote) for tag in tags if (key := parse_tag(tag)) and key[0] > newer_than]
-    for (step, epoch), tag, remote in sorted(candidates, key=lambda c: c[0], reverse=True):
-        if not download:
-            return ResumePlan(CheckpointRef(checkpoint_dir / tag, epoch, step), remote.url)
-        try:
-            folder = fetch_checkpoint(remote.url, tag, checkpoint_dir)
-        except Exception as err:  # a broken remote checkpoint: fall back to the next one
-            log.warning("resume auto: %s/%s unusable (%s)", remote.url, tag, err)
-            continue
-        log.info("resume auto: downloaded %s/%s", remote.url, tag)
-        return ResumePlan(CheckpointRef(folder, epoch, step), remote.url)
-    return None
-
-
-def resolve_resume(
-    resume: str, checkpoint_dir: Path, remotes: list[Remote] | None = None, download: bool = True
-) -> ResumePlan | None:
-    """`auto`: the newest complete checkpoint locally or on a remote (or none); `never`; or a folder to verify."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        ref = find_latest_checkpoint(checkpoint_dir)
-        plan = newest_remote_checkpoint(remotes or [], checkpoint_dir, ref.step if ref else -1, download)
-        plan = plan or (ResumePlan(ref) if ref else None)
-        log.info("resume auto: %s", plan.ref.path if plan else "no complete checkpoint locally or remotely")
-        return plan
-    folder = Path(resume)
-    problem = verify_checkpoint(folder) if folder.is_dir() else "not a folder"
-    if problem:
-        raise ValueError(f"--resume {resume}: {problem}; give a checkpoint folder, 'auto' or 'never'")
-    return ResumePlan(CheckpointRef(folder, -1, -1))
 
 
 class SDTuneCLI(LightningCLI):
@@ -124,22 +65,29 @@ class SDTuneCLI(LightningCLI):
         kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
 
+    def _configure_storage(self) -> None:
+        """The `s3:` section, for every subcommand (fit, validate, test read shards alike)."""
+        settings = self.config_init[self.subcommand]["s3"]
+        s3.configure(settings if isinstance(settings, S3Settings) else S3Settings(**vars(settings)))
+
+    def before_validate(self) -> None:
+        self._configure_storage()
+
+    def before_test(self) -> None:
+        self._configure_storage()
+
     def before_fit(self) -> None:
-        s3_settings = self.config_init["fit"]["s3"]
-        s3.configure(s3_settings if isinstance(s3_settings, S3Settings) else S3Settings(**vars(s3_settings)))
+        self._configure_storage()
         callback = find_checkpoint_callback(self.trainer)
         resume = self.config["fit"]["resume"]
         if callback is None:
             if resume != "never":
                 raise ValueError("--resume needs a PeriodicCheckpoint callback in trainer.callbacks")
             return
-        # Only rank 0 downloads a remote checkpoint; the others wait for it in the callback's setup.
-        download = self.trainer.global_rank == 0
-        plan = resolve_resume(resume, callback.checkpoint_dir(self.trainer), callback.remotes(), download)
-        if plan is not None:
-            callback.resume_from = (plan.ref.path.name, plan.remote_url)
+        training_state = callback.prepare_resume(self.trainer, resume)  # sdtune.checkpoint.resume decides
+        if training_state is not None:
             # Read by PeriodicCheckpoint's SafetensorsCheckpointIO: no pickle is loaded.
-            self.config_init["fit"]["ckpt_path"] = str(plan.ref.training_state)
+            self.config_init["fit"]["ckpt_path"] = str(training_state)
 
     def after_fit(self) -> None:
         preemption = find_preemption(self.trainer)
@@ -155,13 +103,13 @@ class SDTuneCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> SDTuneCLI:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "botocore", "boto3", "s3transfer", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    setup_logging()
+    no_abbreviations = {"allow_abbrev": False}  # `--trainer.max_step 2` must not be taken as max_steps
     return SDTuneCLI(
         subclass_mode_model=True,
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={**no_abbreviations, **{sub: no_abbreviations for sub in ("fit", "validate", "test", "predict")}},
         args=args,
     )

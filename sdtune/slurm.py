@@ -121,7 +121,7 @@ def render(
 
 
 def main() -> None:
-    auto_cli({"render": render}, as_positional=True)
+    auto_cli({"render": render}, as_positional=True, allow_abbrev=False)
 
 
 if __name__ == "__main__":

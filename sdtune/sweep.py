@@ -203,7 +203,7 @@ def report(plan: Path) -> Path:
 
 
 def main() -> None:
-    auto_cli([plan, run, report], as_positional=False)
+    auto_cli([plan, run, report], as_positional=False, allow_abbrev=False)
 
 
 if __name__ == "__main__":

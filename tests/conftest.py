@@ -25,6 +25,15 @@ from sdtune.checkpoint.layout import parse_tag
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
+# A test that uses one of these fixtures needs that real component, and gets its marker (see pyproject.toml).
+COMPONENT_FIXTURES = {"s3_server": "s3", "slurm": "slurm"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in COMPONENT_FIXTURES.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +91,8 @@ def train_config(
     return path
 
 
-def train_command(config: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(REPO / "train.py"), "fit", "--config", str(config), *extra]
+def train_command(config: Path, *extra: str, subcommand: str = "fit") -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), subcommand, "--config", str(config), *extra]
 
 
 def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -91,10 +100,15 @@ def train_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_train(
-    config: Path, *extra: str, timeout: float = 600, env: dict[str, str] | None = None
+    config: Path, *extra: str, timeout: float = 600, env: dict[str, str] | None = None, subcommand: str = "fit"
 ) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        train_command(config, *extra), cwd=REPO, env=train_env(env), capture_output=True, text=True, timeout=timeout
+        train_command(config, *extra, subcommand=subcommand),
+        cwd=REPO,
+        env=train_env(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result

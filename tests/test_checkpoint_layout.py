@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.checkpoint.layout import MANIFEST, find_latest_checkpoint, verify_checkpoint, write_manifest
-from sdtune.cli import resolve_resume
+from sdtune.checkpoint.resume import plan_resume
 
 
 def make_checkpoint(root: Path, epoch: int, step: int, complete: bool = True) -> Path:
@@ -44,11 +44,11 @@ def test_broken_checkpoints_are_skipped_with_a_warning(tmp_path: Path, caplog: p
 
 
 def test_resume_option(tmp_path: Path) -> None:
-    assert resolve_resume("never", tmp_path) is None
-    assert resolve_resume("auto", tmp_path) is None  # nothing there yet: start fresh
+    assert plan_resume("never", tmp_path) is None
+    assert plan_resume("auto", tmp_path) is None  # nothing there yet: start fresh
     folder = make_checkpoint(tmp_path, 0, 10)
-    assert resolve_resume("auto", tmp_path).ref.path == folder
-    assert resolve_resume(str(folder), tmp_path).ref.training_state == folder / "training_state.safetensors"
+    assert plan_resume("auto", tmp_path).ref.path == folder
+    assert plan_resume(str(folder), tmp_path).ref.training_state == folder / "training_state.safetensors"
     broken = make_checkpoint(tmp_path, 0, 11, complete=False)
     with pytest.raises(ValueError, match="--resume .*no manifest.json"):
-        resolve_resume(str(broken), tmp_path)
+        plan_resume(str(broken), tmp_path)

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from sdtune.cli import main
-from sdtune.data.classification import ClassificationDataModule
 from sdtune.data.tables import heldout_split, read_table
 from sdtune.eval.classification import classification_metrics
 from sdtune.latent import sklearn_baselines
 from sdtune.latent.augment import Interpolate
 from sdtune.latent.benchmark import benchmark
-from sdtune.models.classifier import load_classifier
+from sdtune.latent.classification_data import ClassificationDataModule
+from sdtune.latent.classifier import load_classifier
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "latent").glob("*.yaml"))
 
@@ -84,7 +84,7 @@ def test_every_classifier_config_trains_and_reports_heldout_metrics(
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    from sdtune.data.classification import _resize as resize
+    from sdtune.latent.classification_data import _resize as resize
 
     return resize(images, size)
 

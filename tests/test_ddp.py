@@ -31,7 +31,7 @@ from tests.conftest import (
 )
 from tests.test_resume import assert_same_run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 MAX_STEPS = 20
 BATCHES_PER_EPOCH = 8  # 64 samples / (2 ranks x batch 4)
 EMA = {"class_path": "sdtune.callbacks.ema.EMA", "init_args": {"decay": 0.9}}

@@ -67,6 +67,7 @@ def test_report_numbers_and_a_self_contained_page(report_page: Path) -> None:
         assert title in page, title
 
 
+@pytest.mark.browser
 @pytest.mark.skipif(find_chromium() is None, reason="chromium not installed (make test installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(report_page: Path, tmp_path: Path) -> None:
     screenshot = tmp_path / "report.png"

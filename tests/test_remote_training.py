@@ -113,6 +113,7 @@ def _files_containing(root: Path, needles: list[bytes]) -> list[str]:
     return [str(p) for p in root.rglob("*") if p.is_file() and any(n in p.read_bytes() for n in needles)]
 
 
+@pytest.mark.hub
 def test_hub_publishing_resume_from_hub_and_no_secrets_anywhere(
     tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str, local_reference: Path
 ) -> None:

@@ -153,3 +153,23 @@ def test_remote_keeps_last_k_and_ignores_incomplete(tmp_path: Path, s3_endpoint:
         remote.publish(_fake_checkpoint(tmp_path / "local", tag), tag, "card")
     assert remote.complete_tags() == ["epoch=0000-step=000048", "epoch=0000-step=000032"]
     assert {name.split("/")[0] for name in storage.walk(remote.url)} == set(remote.complete_tags())
+
+
+@pytest.mark.slow
+def test_validate_reads_shards_from_s3_with_the_configs_settings(
+    tmp_path: Path, synth_shards: Path, s3_endpoint: str, s3_bucket: str
+) -> None:
+    """`train.py validate` honours the config's `s3:` section as `fit` does (it was ignored before)."""
+    import yaml
+
+    from tests.conftest import run_train, train_config
+
+    dest = f"s3://{s3_bucket}/datasets/synth"
+    upload(synth_shards, dest)
+    config = train_config(tmp_path / "run", synth_shards, callbacks=[], data={"val_shards": dest})
+    settings = yaml.safe_load(config.read_text())
+    settings["data"]["init_args"]["shards"] = dest
+    settings["s3"] = {"endpoint_url": s3_endpoint}
+    config.write_text(yaml.safe_dump(settings))
+    result = run_train(config, subcommand="validate")
+    assert "val/loss" in result.stdout + result.stderr, result.stderr[-3000:]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from sdtune.contracts import HasTrainableParameters, require
 
 
 class EMA(Callback):
@@ -35,6 +38,10 @@ class EMA(Callback):
         if not self.warmup:
             return self.decay
         return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(pl_module, HasTrainableParameters, "EMA")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         params = pl_module.trainable_parameters()
@@ -67,6 +74,19 @@ class EMA(Callback):
             with torch.no_grad():
                 for name, param in params.items():
                     param.copy_(backup[name])
+
+    # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
+    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+        """The EMA weights, exported like the trained ones with the `_ema` suffix (`unet_ema/`, `lora_ema/`).
+
+        Rank 0 alone: EMA is refused with FSDP on several ranks (sdtune.distributed), so nothing is sharded.
+        """
+        pl_module = trainer.lightning_module
+        with self.swapped_in(pl_module):
+            pl_module.export_weights(folder, suffix="_ema", unet=pl_module.unet_for_export())
+
+    def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
+        pass  # the EMA state comes back through state_dict / load_state_dict
 
     def state_dict(self) -> dict[str, Any]:
         return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates}

@@ -55,8 +55,6 @@ class Preemption(Callback):
         signalled = flags_of_all_ranks(self.received is not None, pl_module.device)
         if not any(signalled):
             return
-        from sdtune.checkpoint.callback import find_checkpoint_callback
-
         ranks = [rank for rank, flag in enumerate(signalled) if flag]
         log.warning(
             "rank %d: preemption signal on rank(s) %s; checkpointing at step %d and stopping",
@@ -64,11 +62,12 @@ class Preemption(Callback):
             ranks,
             trainer.global_step,
         )
-        checkpoint = find_checkpoint_callback(trainer)
-        if checkpoint is not None:
-            checkpoint.request_save()  # runs after this callback (Lightning orders checkpoint callbacks last)
         self.stopped_at = trainer.global_step
         trainer.should_stop = True
+
+    def wants_save(self, trainer: L.Trainer) -> bool:
+        """The checkpoint callback asks after this step (sdtune.checkpoint.callback.SaveRequest)."""
+        return self.stopped_at == trainer.global_step
 
     @property
     def preempted(self) -> bool:

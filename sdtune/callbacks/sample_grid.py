@@ -17,6 +17,7 @@ from PIL import Image
 
 from sdtune.callbacks.ema import find_ema
 from sdtune.checkpoint.layout import checkpoint_tag, due
+from sdtune.contracts import Sampleable, require
 from sdtune.models.components import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ class SampleGrid(Callback):
         self.num_inference_steps = num_inference_steps
         self.guidance_scale = guidance_scale
         self.resolution = resolution
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            require(pl_module, Sampleable, "SampleGrid")
 
     @torch.no_grad()
     def render(self, pl_module: L.LightningModule, resolution: int) -> Image.Image:

@@ -12,7 +12,6 @@ from typing import Any, Protocol, runtime_checkable
 import lightning as L
 from lightning.pytorch.callbacks import Checkpoint
 
-from sdtune.callbacks.ema import find_ema
 from sdtune.checkpoint.card import model_card
 from sdtune.checkpoint.layout import (
     TRAINING_STATE,
@@ -25,9 +24,10 @@ from sdtune.checkpoint.layout import (
 )
 from sdtune.checkpoint.loop_state import canonicalize_loop_state
 from sdtune.checkpoint.publish import PUBLISH_LOG, Publisher
-from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote, fetch_checkpoint
+from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote
+from sdtune.checkpoint.resume import ResumePlan, agree_on_resume, plan_resume
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
-from sdtune.distributed import gather_objects, is_distributed
+from sdtune.contracts import Exportable, require
 from sdtune.fileio import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,20 @@ class CheckpointPart(Protocol):
         """Every rank, at fit start: the checkpoint folder being resumed, or None for a fresh run."""
 
 
+@runtime_checkable
+class SaveRequest(Protocol):
+    """A callback that can ask for a checkpoint after the current step (preemption does)."""
+
+    def wants_save(self, trainer: L.Trainer) -> bool:
+        """True when a checkpoint must be written after this step (asked in `on_train_batch_end`)."""
+
+
 def checkpoint_parts(trainer: L.Trainer) -> list[CheckpointPart]:
     return [cb for cb in trainer.callbacks if isinstance(cb, CheckpointPart)]
+
+
+def save_requested(trainer: L.Trainer) -> bool:
+    return any(cb.wants_save(trainer) for cb in trainer.callbacks if isinstance(cb, SaveRequest))
 
 
 class PeriodicCheckpoint(Checkpoint):
@@ -108,8 +120,7 @@ class PeriodicCheckpoint(Checkpoint):
         self.fail_on_publish_error = fail_on_publish_error
         self.last_saved: Path | None = None
         self.publisher: Publisher | None = None
-        self.resume_from: tuple[str, str | None] | None = None  # (tag, remote URL or None), set by the CLI
-        self._save_requested = False
+        self.resume_plan: ResumePlan | None = None  # set by prepare_resume before fit
 
     def remotes(self) -> list[Remote]:
         """Where checkpoints are published, in the order `--resume auto` looks after the local folder."""
@@ -123,35 +134,14 @@ class PeriodicCheckpoint(Checkpoint):
         # Training state as safetensors + JSON (no pickle), for saving and for resuming.
         trainer.strategy.checkpoint_io = SafetensorsCheckpointIO()
         if stage == "fit":
-            self._agree_on_resume(trainer)
+            require(pl_module, Exportable, "PeriodicCheckpoint")
+            agree_on_resume(trainer, self.resume_plan, self.checkpoint_dir(trainer))
 
-    def _agree_on_resume(self, trainer: L.Trainer) -> None:
-        """All ranks resume the same checkpoint, and every node has it on disk.
-
-        Rank 0 downloaded a remote checkpoint before fit started; the other ranks only listed the remotes
-        (see `sdtune.cli`). A node that does not share rank 0's disk fetches its own copy here.
-        """
-        tags = gather_objects(self.resume_from[0] if self.resume_from else None)
-        if any(tag != tags[0] for tag in tags):
-            raise RuntimeError(
-                f"ranks chose different checkpoints to resume from ({dict(enumerate(tags))}); a remote checkpoint "
-                "may have failed to download on rank 0 (see its log). Run again with --resume auto"
-            )
-        if self.resume_from is None or not is_distributed():
-            return
-        tag, remote_url = self.resume_from
-        folder = self.checkpoint_dir(trainer) / tag
-        trainer.strategy.barrier()  # rank 0's download (on a shared disk) is complete
-        if trainer.local_rank == 0 and not folder.is_dir():
-            if remote_url is None:
-                raise FileNotFoundError(f"rank {trainer.global_rank}: {folder} is missing on this node")
-            log.info("rank %d: this node lacks %s; fetching it from %s", trainer.global_rank, tag, remote_url)
-            fetch_checkpoint(remote_url, tag, folder.parent)
-        trainer.strategy.barrier()
-
-    def request_save(self) -> None:
-        """Save after the current step (the preemption callback asks for this on every rank)."""
-        self._save_requested = True
+    def prepare_resume(self, trainer: L.Trainer, resume: str) -> Path | None:
+        """Choose (and on rank 0 fetch) the checkpoint `--resume` names; the training state to load, or None."""
+        download = trainer.global_rank == 0  # other ranks wait for it in setup (agree_on_resume)
+        self.resume_plan = plan_resume(resume, self.checkpoint_dir(trainer), self.remotes(), download)
+        return self.resume_plan.ref.training_state if self.resume_plan else None
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         canonicalize_loop_state(checkpoint)
@@ -165,7 +155,7 @@ class PeriodicCheckpoint(Checkpoint):
             for leftover in root.glob(".tmp-*"):  # writes cut short by a crash
                 log.warning("removing incomplete checkpoint write %s", leftover)
                 shutil.rmtree(leftover, ignore_errors=True)
-        resumed = root / self.resume_from[0] if self.resume_from else None
+        resumed = self.resume_plan.ref.path if self.resume_plan else None
         for part in checkpoint_parts(trainer):
             part.read_from_checkpoint(trainer, resumed)
         remotes = self.remotes()
@@ -195,7 +185,6 @@ class PeriodicCheckpoint(Checkpoint):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
         if self._save_requested or due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
-            self._save_requested = False
             self.save(trainer, pl_module)
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
@@ -213,7 +202,7 @@ class PeriodicCheckpoint(Checkpoint):
         unet = pl_module.unet_for_export()  # every rank: FSDP gathers the shards to rank 0 here
         if trainer.is_global_zero:
             self._write_files(trainer, pl_module, tmp, unet)
-            write_manifest(tmp, self._meta(trainer, pl_module))
+            write_manifest(tmp, self._meta(trainer, pl_module, tmp))
             shutil.rmtree(final, ignore_errors=True)  # a broken folder of the same step (from a crash)
             tmp.rename(final)
             fsync_dir(root)
@@ -228,16 +217,11 @@ class PeriodicCheckpoint(Checkpoint):
 
     def _write_files(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, unet: object) -> None:
         pl_module.export_weights(folder, unet=unet)
-        ema = find_ema(trainer)
-        if ema is not None:
-            # EMA is refused with FSDP on several ranks (sdtune.distributed), so rank 0 alone may gather here.
-            with ema.swapped_in(pl_module):
-                pl_module.export_weights(folder, suffix="_ema", unet=pl_module.unet_for_export())
-        for part in checkpoint_parts(trainer):
+        for part in checkpoint_parts(trainer):  # EMA weights, the sample grid, the step history, ...
             part.write_to_checkpoint(trainer, folder)
 
     @staticmethod
-    def _meta(trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, object]:
+    def _meta(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> dict[str, object]:
         hp = pl_module.hparams
         return {
             "epoch": trainer.current_epoch,
@@ -246,7 +230,7 @@ class PeriodicCheckpoint(Checkpoint):
             "revision": hp.get("revision"),
             "train_mode": hp.get("train_mode"),
             "config_hash": config_hash(trainer),
-            "ema": find_ema(trainer) is not None,
+            "ema": any((folder / name).is_dir() for name in ("unet_ema", "lora_ema")),
         }
 
     def _card(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> str:

@@ -9,12 +9,15 @@ import io
 import json
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from sdtune.data.tar_stream import RawSample
+
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXTS = ("txt", "json")
@@ -115,6 +118,17 @@ def resize_crop_flip(
     image: Image.Image, resolution: int, rng: np.random.Generator, random_crop: bool, flip_prob: float
 ) -> torch.Tensor:
     """Shorter side -> `resolution` (bicubic), crop a square, maybe flip; returns (3, res, res) in [-1, 1]."""
+    import torch  # here, not at the top: tools that only write shards (make_shards) run without torch
+
+    image = resize_crop_flip_image(image, resolution, rng, random_crop, flip_prob)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
+    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+def resize_crop_flip_image(
+    image: Image.Image, resolution: int, rng: np.random.Generator, random_crop: bool, flip_prob: float
+) -> Image.Image:
+    """Shorter side -> `resolution` (bicubic), crop a square, maybe flip."""
     width, height = image.size
     scale = resolution / min(width, height)
     new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
@@ -127,8 +141,7 @@ def resize_crop_flip(
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip_prob > 0 and rng.random() < flip_prob:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())  # (H, W, 3) uint8
-    return pixels.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+    return image
 
 
 def decode_label(sample: RawSample) -> int:

@@ -43,16 +43,23 @@ class DatasetManifest:
 
     @classmethod
     def from_json(cls, text: str, source: str) -> DatasetManifest:
-        data = json.loads(text)
-        if data.get("format") != FORMAT:
-            raise ValueError(f"{source}: not an sdtune shard manifest (format {data.get('format')!r})")
-        return cls(
-            shards=[ShardEntry(**s) for s in data["shards"]],
-            resolution=data.get("resolution"),
-            skipped=data.get("skipped", {}),
-            classes=data.get("classes"),
-            latents=data.get("latents"),
-        )
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict) or data.get("format") != FORMAT:
+                found = data.get("format") if isinstance(data, dict) else type(data).__name__
+                raise ValueError(f"not an sdtune shard manifest (format {found!r})")
+            return cls(
+                shards=[ShardEntry(**s) for s in data["shards"]],
+                resolution=data.get("resolution"),
+                skipped=data.get("skipped", {}),
+                classes=data.get("classes"),
+                latents=data.get("latents"),
+            )
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{source}: unreadable shard manifest ({err}); remake the folder with data_tools make_shards, "
+                "or delete manifest.json to count samples from the shards"
+            ) from None
 
 
 def read_manifest(dataset_url: str) -> DatasetManifest | None:

@@ -24,11 +24,11 @@ import lightning as L
 import numpy as np
 import torch
 
-from sdtune.data.classification import ClassificationDataModule
+from sdtune.latent import classifier_nets
 from sdtune.latent.augment import SMOTE, Compose, Extrapolate, GaussianNoise, Interpolate, LatentAugmentation
+from sdtune.latent.classification_data import ClassificationDataModule
+from sdtune.latent.classifier import Classifier
 from sdtune.latent.sklearn_baselines import BASELINES, fit_and_score
-from sdtune.models import classifier_nets
-from sdtune.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,7 @@ def write_tables(rows: list[dict], out: Path, settings: dict) -> Path:
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    auto_cli(benchmark, as_positional=False)
+    from sdtune.logs import setup_logging
+
+    setup_logging()
+    auto_cli(benchmark, as_positional=False, allow_abbrev=False)

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import html
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from sdtune.data.latents import LatentSettings
-
-if TYPE_CHECKING:
-    from sdtune.latent.report import Section
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; max-width: 1100px; margin: 2em auto;
@@ -25,6 +22,16 @@ th, td { border: 1px solid #ddd; padding: 0.3em 0.7em; text-align: right; }
 th:first-child, td:first-child { text-align: left; }
 .meta { color: #666; font-size: 0.85em; }
 """
+
+
+@dataclass
+class Section:
+    """One part of the page: a title, plain-language text, figures (PNG bytes) and an optional table."""
+
+    title: str
+    text: str
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+    table: list[list[str]] | None = None
 
 
 def _figure(caption: str, png: bytes) -> str:

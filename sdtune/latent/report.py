@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +24,10 @@ from sdtune.data.latents import decode
 from sdtune.data.tables import LabelledTable, heldout_split, read_table
 from sdtune.latent import plots
 from sdtune.latent.augment import SMOTE, Extrapolate, GaussianNoise, Interpolate, LatentAugmentation
-from sdtune.latent.html import render_page
+from sdtune.latent.classifier import load_classifier
+from sdtune.latent.classifier_nets import PatchTransformer
+from sdtune.latent.html import Section, render_page
 from sdtune.latent.quality import lpips_or_none, psnr, ssim
-from sdtune.models.classifier import load_classifier
-from sdtune.models.classifier_nets import PatchTransformer
 from sdtune.models.components import load_vae_of
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,6 @@ REPORT_AUGMENTATIONS: dict[str, LatentAugmentation] = {
     "extrapolate": Extrapolate(strength=0.3),
     "smote": SMOTE(oversample=2.0),
 }
-
-
-@dataclass
-class Section:
-    """One part of the page: a title, plain-language text, figures (PNG bytes) and an optional table."""
-
-    title: str
-    text: str
-    figures: list[tuple[str, bytes]] = field(default_factory=list)
-    table: list[list[str]] | None = None
 
 
 def _pick(table: LabelledTable, max_samples: int) -> LabelledTable:
@@ -313,5 +302,7 @@ def report(
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    auto_cli(report, as_positional=False)
+    from sdtune.logs import setup_logging
+
+    setup_logging()
+    auto_cli(report, as_positional=False, allow_abbrev=False)

@@ -85,4 +85,7 @@ def main(
 if __name__ == "__main__":
     from jsonargparse import auto_cli
 
-    auto_cli(main, as_positional=False)
+    from sdtune.logs import setup_logging
+
+    setup_logging()
+    auto_cli(main, as_positional=False, allow_abbrev=False)

@@ -1,6 +1,5 @@
-"""Model components and LightningModules."""
+"""Model components and the Stable Diffusion LightningModule (classifiers live in `sdtune.latent`)."""
 
-from sdtune.models.classifier import Classifier
 from sdtune.models.sd_finetune import SDFineTune
 
-__all__ = ["Classifier", "SDFineTune"]
+__all__ = ["SDFineTune"]

@@ -85,13 +85,20 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
         return SDComponents(unet(), vae(), text_encoder(tokenizer), tokenizer, tiny.tiny_scheduler())
     common = {"revision": revision}
     weights = {"revision": revision, "use_safetensors": True}
-    return SDComponents(
-        unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
-        vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
-        text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
-        tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
-        noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
-    )
+    try:
+        return SDComponents(
+            unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
+            vae=AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
+            text_encoder=CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
+            tokenizer=CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
+            noise_scheduler=DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
+        )
+    except OSError as err:  # not in the cache and no network, no such repo or revision, a missing subfolder
+        reason = " ".join(str(err).split())[:300]
+        raise ValueError(
+            f"model.pretrained: cannot load {pretrained!r} (revision {revision}): {reason}; check the Hub id and "
+            "network (HF_HUB_OFFLINE needs it in the local cache), or give a local diffusers folder"
+        ) from err
 
 
 def load_vae(pretrained: str, revision: str | None = None, subfolder: str | None = "vae") -> AutoencoderKL:

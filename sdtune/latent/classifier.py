@@ -1,10 +1,10 @@
 """A classifier LightningModule over latents or pixels; the network is a config choice.
 
     model:
-      class_path: sdtune.models.Classifier
+      class_path: sdtune.latent.classifier.Classifier
       init_args:
         net:
-          class_path: sdtune.models.classifier_nets.PatchTransformer
+          class_path: sdtune.latent.classifier_nets.PatchTransformer
           init_args: {patch_size: 2, dim: 128}
 
 The network is built in `configure_model`, once the DataModule has read the data and knows the input
@@ -26,13 +26,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdtune.eval.classification import classification_metrics
-from sdtune.models import classifier_nets
+from sdtune.latent import classifier_nets
 
 NetFactory = Callable[[int, int, int], nn.Module]
 
 
 def describe_net(factory: NetFactory) -> tuple[str, dict[str, Any]]:
-    """(class name in sdtune.models.classifier_nets, options) of a network factory (a class or a partial)."""
+    """(class name in sdtune.latent.classifier_nets, options) of a network factory (a class or a partial)."""
     if isinstance(factory, functools.partial):
         cls = next(a for a in factory.args if isinstance(a, type)) if factory.args else factory.func
         options = dict(factory.keywords)
@@ -55,7 +55,7 @@ class Classifier(L.LightningModule):
     ) -> None:
         """
         Args:
-            net: Network class in sdtune.models.classifier_nets and its options (class_path + init_args);
+            net: Network class in sdtune.latent.classifier_nets and its options (class_path + init_args);
                 input channels, size and class count come from the data.
             learning_rate: Peak AdamW learning rate (cosine decay over the run after a linear warmup).
             weight_decay: AdamW weight decay.
@@ -82,7 +82,8 @@ class Classifier(L.LightningModule):
             data = self.trainer.datamodule
             if not all(hasattr(data, name) for name in ("in_channels", "image_size", "num_classes")):
                 raise ValueError(
-                    f"model: Classifier needs data: sdtune.data.ClassificationDataModule, got {type(data).__name__}"
+                    "model: Classifier needs data: sdtune.latent.classification_data.ClassificationDataModule, "
+                    f"got {type(data).__name__}"
                 )
             self.build(data.in_channels, data.image_size, data.num_classes)
 

@@ -1,0 +1,131 @@
+"""`sdtune <command>`: one console command for everything sdtune does.
+
+    sdtune fit|validate|test --config X.yaml [--resume auto]     LightningCLI (the same as `python train.py`)
+    sdtune data make-shards|index|verify|upload|subsets|encode-latents|synth|digits ...
+    sdtune sweep plan|run|report ...      sdtune slurm render ...      sdtune bench ...
+    sdtune bench-remote ...               sdtune latent benchmark|report|baselines ...
+
+Each command's module is imported only when that command runs, so `sdtune --help` and `sdtune data
+make-shards` start without torch. A user mistake (a bad path or option value, an unreadable manifest,
+missing credentials) prints one line and exits 2; `--debug` or `SDTUNE_DEBUG=1` shows the traceback.
+Options are never abbreviated: a misspelt one is refused.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sdtune.logs import setup_logging
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    targets: dict[str, str]  # subcommand -> "module:function"; {"": ...} for a command without subcommands
+
+    def target(self, subcommand: str) -> Callable:
+        module, function = self.targets[subcommand].split(":")
+        return getattr(importlib.import_module(module), function)
+
+
+def _targets(module: str, names: dict[str, str]) -> dict[str, str]:
+    return {subcommand: f"{module}:{function}" for subcommand, function in names.items()}
+
+
+COMMANDS = {
+    "data": Command(
+        "make, check and move datasets",
+        {
+            "make-shards": "data_tools.make_shards:make_shards",
+            "verify": "data_tools.remote:verify",
+            "upload": "data_tools.remote:upload",
+            "subsets": "data_tools.subsets:subsets",
+            "encode-latents": "data_tools.encode_latents:encode_latents",
+            "synth": "data_tools.synth:synth",
+            "digits": "data_tools.digits:digits",
+        },
+    ),
+    "sweep": Command(
+        "dataset-size sweeps", _targets("sdtune.sweep", {"plan": "plan", "run": "run", "report": "report"})
+    ),
+    "slurm": Command("sbatch scripts from a config", {"render": "sdtune.slurm:render"}),
+    "bench": Command("training, overhead and data-pipeline throughput", {"": "sdtune.bench:main"}),
+    "bench-remote": Command("S3/R2 loader and checkpoint publishing", {"": "sdtune.bench_remote:main"}),
+    "latent": Command(
+        "latent-space studies",
+        {
+            "benchmark": "sdtune.latent.benchmark:benchmark",
+            "report": "sdtune.latent.report:report",
+            "baselines": "sdtune.latent.sklearn_baselines:main",
+        },
+    ),
+}
+LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}
+
+
+def usage() -> str:
+    lines = ["usage: sdtune <command> [options]   (sdtune <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<13} {text} (LightningCLI, as python train.py)" for name, text in LIGHTNING.items()]
+    for name, command in COMMANDS.items():
+        subcommands = " | ".join(n for n in command.targets if n)
+        lines.append(f"  {name:<13} {command.help}" + (f": {subcommands}" if subcommands else ""))
+    lines += ["", "--debug (or SDTUNE_DEBUG=1) shows the traceback of an error"]
+    return "\n".join(lines)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Errors that mean "fix your input": they get one line, not a traceback."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, ValueError | OSError) or bool(names & {"NoCredentialsError", "PartialCredentialsError"})
+
+
+def run(name: str, args: list[str]) -> None:
+    """Run one command; only the module of the (sub)command that runs is imported."""
+    if name in LIGHTNING:
+        from sdtune.cli import main as lightning_main
+
+        lightning_main([name, *args])
+        return
+    command = COMMANDS[name]
+    subcommand = "" if "" in command.targets else (args[0] if args else "")
+    if subcommand not in command.targets:
+        names = ", ".join(command.targets)
+        if subcommand in ("", "-h", "--help"):
+            print(f"usage: sdtune {name} <{' | '.join(command.targets)}> [options]  ({command.help})")
+            return
+        raise ValueError(f"unknown subcommand {subcommand!r}; one of: {names}")
+    from jsonargparse import auto_cli
+
+    target, rest = command.target(subcommand), args[1:] if subcommand else args
+    auto_cli(target, args=rest, as_positional=name == "slurm", allow_abbrev=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("SDTUNE_DEBUG") == "1"
+    argv = [arg for arg in argv if arg != "--debug"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, args = argv[0], argv[1:]
+    if name not in COMMANDS and name not in LIGHTNING:
+        print(f"sdtune: unknown command {name!r}; one of: {', '.join([*LIGHTNING, *COMMANDS])}", file=sys.stderr)
+        return 2
+    setup_logging()
+    try:
+        run(name, args)
+    except Exception as err:
+        if debug or not is_user_error(err):
+            raise
+        message = " ".join(str(err).split())  # one line, whatever the library's message looked like
+        print(f"sdtune {name}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

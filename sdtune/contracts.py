@@ -1,0 +1,61 @@
+"""What a LightningModule must offer to be trained with sdtune's callbacks, written as Protocols.
+
+The callbacks check them when fit starts (`require`), so a module that lacks something fails at once with
+the names of what is missing, not with an AttributeError in the middle of the first epoch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class HasTrainableParameters(Protocol):
+    """EMA and the training state keep only these (the frozen parts come from the base model)."""
+
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]: ...
+
+
+@runtime_checkable
+class Exportable(HasTrainableParameters, Protocol):
+    """A checkpoint exports the weights in a format other tools load (diffusers layout for SD)."""
+
+    def unet_for_export(self) -> Any:
+        """The full model to export (every rank calls it: FSDP gathers here); None on ranks that do not write."""
+        ...
+
+    def export_weights(self, folder: Path, suffix: str = "", unet: Any = None) -> list[Path]: ...
+
+
+@runtime_checkable
+class Sampleable(Protocol):
+    """Sample grids run a diffusers pipeline built from these components."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    noise_scheduler: Any
+
+
+def _members(protocol: type) -> list[str]:
+    names: list[str] = []
+    for cls in reversed(protocol.__mro__):
+        if cls is object or cls is Protocol or not getattr(cls, "_is_protocol", False):
+            continue
+        names += [n for n in (*vars(cls), *getattr(cls, "__annotations__", {})) if not n.startswith("_")]
+    return sorted(set(names))
+
+
+def require(module: object, protocol: type, needed_by: str) -> None:
+    """Raise a ValueError naming what `module` lacks of `protocol` (for `needed_by`, a callback)."""
+    missing = [name for name in _members(protocol) if not hasattr(module, name)]
+    if missing:
+        raise ValueError(
+            f"{needed_by} needs a model that offers {protocol.__name__} ({', '.join(_members(protocol))}); "
+            f"{type(module).__name__} lacks {', '.join(missing)}. Remove {needed_by} from trainer.callbacks "
+            "or use a model that has them"
+        )

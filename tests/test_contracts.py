@@ -1,0 +1,24 @@
+"""The callbacks' contracts: a module that lacks what a callback needs is refused at fit start, by name."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdtune.contracts import Exportable, HasTrainableParameters, Sampleable, require
+from sdtune.latent.classifier import Classifier
+from sdtune.models import SDFineTune
+
+
+def test_sd_finetune_offers_everything_the_callbacks_need() -> None:
+    model = SDFineTune(pretrained="tiny")
+    for protocol in (Exportable, HasTrainableParameters, Sampleable):
+        require(model, protocol, "test")
+        assert isinstance(model, protocol)
+
+
+def test_a_classifier_is_refused_by_the_checkpoint_and_the_grid_with_the_missing_names() -> None:
+    classifier = Classifier()
+    with pytest.raises(ValueError, match=r"PeriodicCheckpoint needs .* Classifier lacks .*export_weights"):
+        require(classifier, Exportable, "PeriodicCheckpoint")
+    with pytest.raises(ValueError, match=r"SampleGrid needs .* lacks noise_scheduler, text_encoder, tokenizer"):
+        require(classifier, Sampleable, "SampleGrid")
