@@ -35,7 +35,8 @@ class SDTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling;
         every run gets a `StepLog`."""
-        config = self.config_init[self.subcommand]
+        # Without a subcommand (`run=False`, as `sdtune bench` builds it) the config is not nested under one.
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
         callbacks = list(trainer_config.get("callbacks") or [])
         accelerator = str(trainer_config.get("accelerator", "auto"))

@@ -18,10 +18,11 @@ from typing import IO
 
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from data_tools.make_shards import make_shards
 from data_tools.synth import synth
-from sdtune.checkpoint.layout import parse_tag
+from sdtune.checkpoint.layout import list_checkpoints, parse_tag, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -287,3 +288,24 @@ def kill_condition(kill: Kill, run_dir: Path) -> Callable[[], bool]:
         "boundary": boundary_written,
     }
     return conditions[kill.when]
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    (ref,) = [r for r in list_checkpoints(run_dir / "checkpoints") if r.step == step]
+    assert verify_checkpoint(ref.path) is None
+    return {name: load_file(ref.path / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "unet_ema")}
+
+
+def assert_same_run(reference_dir: Path, resumed_dir: Path, resumed_from: int, final_step: int) -> None:
+    expected, seen = read_losses(reference_dir), read_losses(resumed_dir)
+    assert sorted(expected) == list(range(0, final_step)), sorted(expected)
+    assert set(range(resumed_from, final_step)) <= set(seen), f"steps logged: {sorted(seen)}"
+    # The killed process may lose the log row of its last step (SIGKILL before the logger wrote it).
+    assert len(set(expected) - set(seen)) <= 1, f"steps logged: {sorted(seen)}"
+    for step, values in seen.items():
+        # Steps run before the kill and again after the resume must agree too.
+        assert all(v == expected[step][0] for v in values), (step, values, expected[step])
+    reference, resumed = final_weights(reference_dir, final_step), final_weights(resumed_dir, final_step)
+    for folder in reference:
+        for name, tensor in reference[folder].items():
+            assert resumed[folder][name].equal(tensor), f"{folder}/{name} differs"

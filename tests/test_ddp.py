@@ -21,6 +21,7 @@ from sdtune.checkpoint.layout import TRAINING_STATE, find_latest_checkpoint, lis
 from sdtune.checkpoint.state_file import load_state
 from tests.conftest import (
     REPO,
+    assert_same_run,
     kill_condition,
     kill_plan,
     kill_when,
@@ -29,7 +30,6 @@ from tests.conftest import (
     train_config,
     train_env,
 )
-from tests.test_resume import assert_same_run
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 MAX_STEPS = 20

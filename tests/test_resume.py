@@ -6,10 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from tests.conftest import kill_when, read_losses, run_train, train_config
+from tests.conftest import assert_same_run, kill_when, run_train, train_config
 
 pytestmark = pytest.mark.slow
 BATCHES_PER_EPOCH = 16  # 64 samples / batch 4 (2 workers x 8 batches)
@@ -21,27 +20,6 @@ def checkpoint_callback(every_n_train_steps: int) -> dict:
         "class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint",
         "init_args": {"every_n_epochs": 1, "every_n_train_steps": every_n_train_steps, "keep_last": 10},
     }
-
-
-def final_weights(run_dir: Path, step: int) -> dict:
-    (ref,) = [r for r in list_checkpoints(run_dir / "checkpoints") if r.step == step]
-    assert verify_checkpoint(ref.path) is None
-    return {name: load_file(ref.path / name / "diffusion_pytorch_model.safetensors") for name in ("unet", "unet_ema")}
-
-
-def assert_same_run(reference_dir: Path, resumed_dir: Path, resumed_from: int, final_step: int) -> None:
-    expected, seen = read_losses(reference_dir), read_losses(resumed_dir)
-    assert sorted(expected) == list(range(0, final_step)), sorted(expected)
-    assert set(range(resumed_from, final_step)) <= set(seen), f"steps logged: {sorted(seen)}"
-    # The killed process may lose the log row of its last step (SIGKILL before the logger wrote it).
-    assert len(set(expected) - set(seen)) <= 1, f"steps logged: {sorted(seen)}"
-    for step, values in seen.items():
-        # Steps run before the kill and again after the resume must agree too.
-        assert all(v == expected[step][0] for v in values), (step, values, expected[step])
-    reference, resumed = final_weights(reference_dir, final_step), final_weights(resumed_dir, final_step)
-    for folder in reference:
-        for name, tensor in reference[folder].items():
-            assert resumed[folder][name].equal(tensor), f"{folder}/{name} differs"
 
 
 @pytest.fixture(scope="module")

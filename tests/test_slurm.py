@@ -15,9 +15,8 @@ import pytest
 
 from sdtune.checkpoint.layout import find_latest_checkpoint
 from sdtune.slurm import render
-from tests.conftest import train_config
+from tests.conftest import assert_same_run, train_config
 from tests.slurm_cluster import LocalSlurm, missing_tools
-from tests.test_resume import assert_same_run
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 20
