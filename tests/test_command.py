@@ -33,6 +33,7 @@ def test_help_and_make_shards_import_neither_torch_nor_diffusers(tmp_path: Path)
     (tmp_path / "images").mkdir()
     for index in range(3):
         Image.new("RGB", (32, 32), (index * 80, 10, 10)).save(tmp_path / "images" / f"{index}.png")
+        (tmp_path / "images" / f"{index}.txt").write_text(f"a red square {index}")
     probe = (
         "import sys\n"
         "from sdtune.command import main\n"
