@@ -184,7 +184,8 @@ class PeriodicCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: object, batch: object, batch_idx: int
     ) -> None:
-        if self._save_requested or due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
+        # Callbacks that ask for a save (preemption) run before this one: Lightning orders checkpoints last.
+        if save_requested(trainer) or due(trainer, batch_idx, self.every_n_epochs, self.every_n_train_steps):
             self.save(trainer, pl_module)
 
     def save(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
