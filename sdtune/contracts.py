@@ -21,13 +21,16 @@ class HasTrainableParameters(Protocol):
 
 @runtime_checkable
 class Exportable(HasTrainableParameters, Protocol):
-    """A checkpoint exports the weights in a format other tools load (diffusers layout for SD)."""
+    """A checkpoint exports the weights in a format other tools load (diffusers layout for SD, safetensors +
+    classifier.json for a classifier)."""
 
-    def unet_for_export(self) -> Any:
+    def model_for_export(self) -> Any:
         """The full model to export (every rank calls it: FSDP gathers here); None on ranks that do not write."""
         ...
 
-    def export_weights(self, folder: Path, suffix: str = "", unet: Any = None) -> list[Path]: ...
+    def export_weights(self, folder: Path, suffix: str = "", model: Any = None) -> list[Path]:
+        """Write `model` (default: the module's own) into `folder` in the format other tools load."""
+        ...
 
 
 @runtime_checkable

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from sdtune.checkpoint.layout import find_latest_checkpoint, verify_checkpoint
 from sdtune.cli import main
 from sdtune.data.tables import heldout_split, read_table
 from sdtune.eval.classification import classification_metrics
@@ -81,6 +82,13 @@ def test_every_classifier_config_trains_and_reports_heldout_metrics(
     with torch.no_grad():
         predictions = net(inputs[val]).argmax(dim=1)
     assert (predictions == table.labels[val]).float().mean().item() == pytest.approx(metrics["accuracy"])
+    # Per-epoch checkpoints (PeriodicCheckpoint serves classifiers too): the exported network of the last one
+    # is the network the run ended with.
+    latest = find_latest_checkpoint(tmp_path / "checkpoints")
+    assert latest is not None and latest.epoch == 1 and verify_checkpoint(latest.path) is None
+    assert (latest.path / "classifier" / "model.safetensors").read_bytes() == (
+        tmp_path / "classifier" / "model.safetensors"
+    ).read_bytes()
 
 
 def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -136,3 +144,42 @@ def test_unlabelled_and_badly_labelled_samples_are_skipped_and_counted(tmp_path:
     table = read_table(str(tmp_path), "data.shards", image_size=16)
     assert table.labels.tolist() == [1, 0] and table.classes == ["0", "1"]
     assert table.skipped == {"bad_label": 2, "missing_label": 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every_n_train_steps", [0, 3], ids=["epoch-checkpoints", "mid-epoch-checkpoints"])
+def test_a_killed_classifier_resumes_exactly(
+    digit_data: tuple[Path, Path], tmp_path: Path, every_n_train_steps: int
+) -> None:
+    """latent_cnn_augmented (augmentation redrawn every epoch, shuffled batches), killed after its second
+    checkpoint and resumed: the same metrics, exported network and final checkpoint as never killed."""
+    import yaml
+
+    from tests.conftest import kill_when, run_train
+
+    def config(run_dir: Path) -> Path:
+        settings = yaml.safe_load((CONFIGS[0].parent / "latent_cnn_augmented.yaml").read_text())
+        settings["trainer"].update(default_root_dir=str(run_dir), max_epochs=4, enable_progress_bar=False)
+        settings["data"]["init_args"]["shards"] = str(digit_data[1])
+        for callback in settings["trainer"]["callbacks"]:
+            if callback["class_path"].endswith("PeriodicCheckpoint"):
+                callback["init_args"].update(keep_last=10, every_n_train_steps=every_n_train_steps)
+        path = run_dir.with_suffix(".yaml")
+        run_dir.mkdir(parents=True)
+        path.write_text(yaml.safe_dump(settings))
+        return path
+
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_train(config(reference))
+    resumed_config = config(resumed)
+    kill_when(resumed_config, lambda: len(list((resumed / "checkpoints").glob("epoch=*/manifest.json"))) >= 2)
+    killed_at = find_latest_checkpoint(resumed / "checkpoints")
+    assert killed_at is not None and killed_at.step < find_latest_checkpoint(reference / "checkpoints").step
+    run_train(resumed_config, "--resume", "auto")
+    assert json.loads((resumed / "metrics.json").read_text()) == json.loads((reference / "metrics.json").read_text())
+    for name in (
+        "classifier/model.safetensors",
+        "checkpoints/" + find_latest_checkpoint(reference / "checkpoints").path.name + "/classifier/model.safetensors",
+    ):
+        assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
+    assert (resumed / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()

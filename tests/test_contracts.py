@@ -16,9 +16,15 @@ def test_sd_finetune_offers_everything_the_callbacks_need() -> None:
         assert isinstance(model, protocol)
 
 
-def test_a_classifier_is_refused_by_the_checkpoint_and_the_grid_with_the_missing_names() -> None:
+def test_a_classifier_is_checkpointable_but_refused_by_the_sample_grid_with_the_missing_names() -> None:
     classifier = Classifier()
-    with pytest.raises(ValueError, match=r"PeriodicCheckpoint needs .* Classifier lacks .*export_weights"):
-        require(classifier, Exportable, "PeriodicCheckpoint")
+    require(classifier, Exportable, "PeriodicCheckpoint")
+    require(classifier, HasTrainableParameters, "EMA")
+
+    class Bare:
+        pass
+
+    with pytest.raises(ValueError, match=r"PeriodicCheckpoint needs .* Bare lacks export_weights, model_for_export"):
+        require(Bare(), Exportable, "PeriodicCheckpoint")
     with pytest.raises(ValueError, match=r"SampleGrid needs .* lacks noise_scheduler, text_encoder, tokenizer"):
         require(classifier, Sampleable, "SampleGrid")

@@ -83,7 +83,7 @@ class EMA(Callback):
         """
         pl_module = trainer.lightning_module
         with self.swapped_in(pl_module):
-            pl_module.export_weights(folder, suffix="_ema", unet=pl_module.unet_for_export())
+            pl_module.export_weights(folder, suffix="_ema", model=pl_module.model_for_export())
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         pass  # the EMA state comes back through state_dict / load_state_dict

@@ -200,9 +200,9 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.save_checkpoint(
             tmp / TRAINING_STATE, weights_only=False
         )  # full state; every rank takes part; the strategy picks writers
-        unet = pl_module.unet_for_export()  # every rank: FSDP gathers the shards to rank 0 here
+        model = pl_module.model_for_export()  # every rank: FSDP gathers the shards to rank 0 here
         if trainer.is_global_zero:
-            self._write_files(trainer, pl_module, tmp, unet)
+            self._write_files(trainer, pl_module, tmp, model)
             write_manifest(tmp, self._meta(trainer, pl_module, tmp))
             shutil.rmtree(final, ignore_errors=True)  # a broken folder of the same step (from a crash)
             tmp.rename(final)
@@ -216,8 +216,8 @@ class PeriodicCheckpoint(Checkpoint):
         self.last_saved = final
         return final
 
-    def _write_files(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, unet: object) -> None:
-        pl_module.export_weights(folder, unet=unet)
+    def _write_files(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, model: object) -> None:
+        pl_module.export_weights(folder, model=model)
         for part in checkpoint_parts(trainer):  # EMA weights, the sample grid, the step history, ...
             part.write_to_checkpoint(trainer, folder)
 
@@ -231,7 +231,7 @@ class PeriodicCheckpoint(Checkpoint):
             "revision": hp.get("revision"),
             "train_mode": hp.get("train_mode"),
             "config_hash": config_hash(trainer),
-            "ema": any((folder / name).is_dir() for name in ("unet_ema", "lora_ema")),
+            "ema": any((folder / name).is_dir() for name in ("unet_ema", "lora_ema", "classifier_ema")),
         }
 
     def _card(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> str:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from sdtune.data.latents import decode
 from sdtune.data.tables import LabelledTable, heldout_split, read_table
@@ -24,6 +27,26 @@ def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.nn.functional.interpolate(
         images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
     )
+
+
+class EpochOrder(Sampler[int]):
+    """A seeded permutation of the training set per epoch, started `skip` batches in on a mid-epoch resume.
+
+    The epoch and the batches already trained come from the DataModule (`start_epoch`), not from Lightning's
+    loop counter: Lightning iterates the loader once before it restores its loops (see ShardDataModule).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start_epoch: Callable[[int], tuple[int, int]]):
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self._start_epoch = start_epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, batches_done = self._start_epoch(math.ceil(self.num_samples / self.batch_size))
+        order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+        yield from order[batches_done * self.batch_size :].tolist()
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -74,6 +97,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_latents: LabelledTable | None = None  # for decoding augmentations into pixels
         self.vae: torch.nn.Module | None = None
         self._decoded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._epoch, self._batches_done = 0, 0  # the training position, saved in checkpoints
 
     # ---- shape of the data, read by the classifier in configure_model -------------------------------------
     @property
@@ -159,10 +183,42 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         inputs, labels = self.training_set()
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        dataset = TensorDataset(inputs, labels)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, generator=generator, drop_last=False)
+        order = EpochOrder(len(labels), self.batch_size, self.seed, self._start_epoch)
+        return DataLoader(TensorDataset(inputs, labels), batch_size=self.batch_size, sampler=order, drop_last=False)
+
+    def _start_epoch(self, num_batches: int) -> tuple[int, int]:
+        """(epoch, batches already trained in it) for a new iteration: the next epoch once this one is done;
+        iterating again before a batch is trained gives the same answer."""
+        if self._batches_done >= num_batches:
+            self._epoch, self._batches_done = self._epoch + 1, 0
+        return self._epoch, self._batches_done
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if self.trainer is not None and self.trainer.training:
+            self._batches_done += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batches_done": self._batches_done, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["batch_size"] != self.batch_size:
+            raise ValueError(
+                f"data.batch_size: {self.batch_size}, but the checkpoint was trained with {state['batch_size']}; "
+                "resume with the same batch size"
+            )
+        self._epoch, self._batches_done = state["epoch"], state["batches_done"]
+
+    def export_info(self) -> dict[str, Any]:
+        """What a classifier exported from this data needs to be used: classes, input kind, latent settings, split."""
+        assert self.train is not None, "setup() first"
+        settings = self.train.latent_settings
+        return {
+            "classes": self.train.classes,
+            "input": self.input_kind,
+            "latent_settings": settings.to_json() if settings else None,
+            "split": {"val_fraction": self.val_fraction, "split_seed": self.split_seed},
+        }
 
     def training_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This epoch's training inputs and labels: real, real + synthetic, or synthetic only."""

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from sdtune import rng
 from sdtune.eval.classification import classification_metrics
 from sdtune.latent import classifier_nets
 
@@ -137,13 +138,31 @@ class Classifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def export(self, folder: Path, extra: dict[str, Any] | None = None) -> Path:
+    # ---- checkpoints (sdtune.contracts.Exportable) ---------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def model_for_export(self) -> nn.Module | None:
+        return self.net
+
+    def export_weights(self, folder: Path, suffix: str = "", model: nn.Module | None = None) -> list[Path]:
+        """`classifier{suffix}/`: model.safetensors + classifier.json, loadable with `load_classifier`."""
+        data = self.trainer.datamodule if self._trainer is not None else None
+        extra = data.export_info() if hasattr(data, "export_info") else {}
+        return [self.export(folder / f"classifier{suffix}", extra, model)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng.save_to(checkpoint)  # dropout and any other draw from the global RNGs resume exactly
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng.load_from(checkpoint, self.global_rank)
+
+    def export(self, folder: Path, extra: dict[str, Any] | None = None, net: nn.Module | None = None) -> Path:
         """Write `model.safetensors` and `classifier.json` (network, options, input shape, plus `extra`)."""
-        assert self.net is not None
+        net = net if net is not None else self.net
+        assert net is not None
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}, folder / "model.safetensors"
-        )
+        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
         info = {"net": self.net_name, "options": self.net_options, **self.input_spec, **(extra or {})}
         (folder / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
         return folder

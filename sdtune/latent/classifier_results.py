@@ -26,13 +26,7 @@ class ClassifierResults(L.Callback):
             return
         folder = Path(self.dirpath or trainer.default_root_dir)
         data = trainer.datamodule
-        extra = {
-            "classes": data.train.classes,
-            "input": data.input_kind,
-            "latent_settings": data.train.latent_settings.to_json() if data.train.latent_settings else None,
-            "split": {"val_fraction": data.val_fraction, "split_seed": data.split_seed},
-        }
-        pl_module.export(folder / "classifier", extra)
+        pl_module.export(folder / "classifier", data.export_info())
         metrics = {
             **pl_module.val_metrics,
             "classes": data.train.classes,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import random
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +13,8 @@ from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from lightning.pytorch.strategies import FSDPStrategy
 
-from sdtune.distributed import flags_of_all_ranks, gather_objects
+from sdtune import rng
+from sdtune.distributed import flags_of_all_ranks
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
 from sdtune.models.lora import add_lora, save_lora
@@ -255,15 +255,7 @@ class SDFineTune(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self.trainable_parameters()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        np_state = np.random.get_state()
-        # NumPy arrays, not tensors: they cross ranks through all_gather_object and are stored as safetensors.
-        rng_states = {
-            "torch": torch.get_rng_state().numpy(),
-            "cuda": [s.numpy() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].copy(), *np_state[2:]],
-            "python": random.getstate(),
-        }
-        checkpoint["rng_states"] = gather_objects(rng_states)  # every rank's, in rank order
+        rng.save_to(checkpoint)
         checkpoint["nonfinite"] = {"skipped": self.num_nonfinite_skipped, "in_a_row": self.num_nonfinite_in_a_row}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -275,18 +267,9 @@ class SDFineTune(L.LightningModule):
             )
         nonfinite = checkpoint.get("nonfinite", {"skipped": 0, "in_a_row": 0})
         self.num_nonfinite_skipped, self.num_nonfinite_in_a_row = nonfinite["skipped"], nonfinite["in_a_row"]
-        states = checkpoint.get("rng_states")
-        if isinstance(states, list):  # one per rank; the data layout check refuses a different world size
-            states = states[self.global_rank] if self.global_rank < len(states) else states[0]
-        if states:
-            torch.set_rng_state(torch.as_tensor(states["torch"]))
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all([torch.as_tensor(s) for s in states["cuda"]])
-            kind, keys, *rest = states["numpy"]
-            np.random.set_state((kind, np.asarray(keys), *rest))
-            random.setstate(states["python"])
+        rng.load_from(checkpoint, self.global_rank)
 
-    def unet_for_export(self) -> UNet2DConditionModel | None:
+    def model_for_export(self) -> UNet2DConditionModel | None:
         """The UNet with full weights: `self.unet`, or under FSDP a CPU copy on rank 0 (None on other ranks).
 
         Under FSDP every rank must call this: the shards are gathered with a collective.
@@ -308,9 +291,9 @@ class SDFineTune(L.LightningModule):
         unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
         return unet
 
-    def export_weights(self, folder: Path, suffix: str = "", unet: UNet2DConditionModel | None = None) -> list[Path]:
+    def export_weights(self, folder: Path, suffix: str = "", model: UNet2DConditionModel | None = None) -> list[Path]:
         """Write the trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors)."""
-        unet = unet if unet is not None else self.unet
+        unet = model if model is not None else self.unet
         if self.hparams.train_mode == "lora":
             return [save_lora(unet, folder / f"lora{suffix}")]
         target = folder / f"unet{suffix}"
