@@ -1,7 +1,8 @@
 """Test-only instruments for multi-process runs, loaded by train.py through `class_path` in test configs.
 
 `KeyRecorder` writes which samples each rank trained on at each step; `RankFingerprint` writes a hash of
-each rank's trainable weights at the end of fit; `NaNOnRank` makes one rank's loss NaN at chosen steps.
+each rank's trainable weights at the end of fit; `NaNOnRank` makes one rank's loss NaN at chosen steps;
+`DtypeProbe` records the dtypes the frozen parts compute in.
 """
 
 from __future__ import annotations
@@ -56,3 +57,31 @@ class NaNOnRank(SDFineTune):
         if self.global_rank == self.nan_rank and self.global_step in self.nan_steps:
             return loss * torch.nan
         return loss
+
+
+class DtypeProbe(Callback):
+    """Records the dtypes the frozen parts compute in (text encoder, VAE encoder and decoder outputs), in the
+    training step and in the sample grid; writes `<out_dir>/dtypes.json` at the end of fit."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.seen: dict[str, set[str]] = {"text_encoder": set(), "vae_encoder": set(), "vae_decoder": set()}
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        parts = {
+            "text_encoder": pl_module.text_encoder,
+            "vae_encoder": pl_module.vae.encoder,
+            "vae_decoder": pl_module.vae.decoder,
+        }
+        for name, module in parts.items():
+            module.register_forward_hook(lambda m, args, out, name=name: self._record(name, out))
+
+    def _record(self, name: str, output: Any) -> None:
+        tensor = output if isinstance(output, torch.Tensor) else output[0]
+        self.seen[name].add(str(tensor.dtype).removeprefix("torch."))
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "dtypes.json").write_text(json.dumps({k: sorted(v) for k, v in self.seen.items()}))

@@ -85,8 +85,10 @@ class SampleGrid(Callback):
         generators = [torch.Generator(device=pl_module.device).manual_seed(s) for _ in self.prompts for s in self.seeds]
         was_training = pl_module.unet.training
         pl_module.unet.eval()
-        # Sampling must not disturb the training RNG streams (exact resume depends on them).
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+        # Sampling must not disturb the training RNG streams (exact resume depends on them), and runs under the
+        # training precision's autocast: with bf16-mixed the frozen text encoder and VAE are bf16, the UNet fp32.
+        forked = torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else [])
+        with forked, pl_module.trainer.precision_plugin.forward_context():
             images = pipeline(
                 prompts,
                 height=resolution,

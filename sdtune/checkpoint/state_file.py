@@ -27,10 +27,20 @@ _TREE_KEY = "sdtune_tree"
 class _Encoder:
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self._names: dict[tuple, str] = {}  # the same tensor met again (bitsandbytes shares its qmaps)
+        self._storages: set[int] = set()
 
     def _store(self, tensor: torch.Tensor) -> str:
-        name = f"t{len(self.tensors)}"
-        self.tensors[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if identity in self._names:
+            return self._names[identity]  # stored once, loaded back as one shared tensor
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in self._storages:
+            tensor = tensor.clone()  # another view of a stored storage: safetensors refuses shared memory
+        self._storages.add(tensor.untyped_storage().data_ptr())
+        name = self._names[identity] = f"t{len(self.tensors)}"
+        self.tensors[name] = tensor
         return name
 
     def encode(self, value: Any, where: str) -> Any:

@@ -66,7 +66,7 @@ class SDFineTune(L.LightningModule):
             prediction_type: UNet target; "auto" takes it from the model's scheduler config.
             min_snr_gamma: Min-SNR loss weighting gamma (5.0 is the paper's value); None disables it.
             noise_offset: Offset-noise strength (0.05-0.1 helps very dark/bright images); 0 disables it.
-            optimizer: "adamw", or "adamw8bit" (bitsandbytes, CUDA only; falls back to adamw on CPU with a warning).
+            optimizer: "adamw", or "adamw8bit" (bitsandbytes' AdamW8bit: 8-bit moments, on CUDA and on CPU alike).
             learning_rate: Peak learning rate.
             weight_decay: AdamW weight decay.
             adam_betas: AdamW betas.
@@ -94,6 +94,7 @@ class SDFineTune(L.LightningModule):
             self.noise_scheduler.config.prediction_type if prediction_type == "auto" else prediction_type
         )
         self.noise_scheduler.register_to_config(prediction_type=self.prediction_type)
+        self.unet.train()  # from_pretrained returns eval mode: dropout would be silently off
         self.vae.requires_grad_(False).eval()
         self.text_encoder.requires_grad_(False).eval()
         if train_mode == "lora":
@@ -130,8 +131,9 @@ class SDFineTune(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
-        # Frozen parts run in the autocast dtype on GPU (as diffusers' scripts do); fp32 on CPU.
-        if "bf16" in str(self.trainer.precision) and self.device.type == "cuda":
+        # Frozen parts run in the autocast dtype (as diffusers' scripts do), on every device: CI runs the code
+        # a GPU user runs. Whatever runs them outside the training step must run under the same autocast.
+        if "bf16" in str(self.trainer.precision):
             self.vae.to(torch.bfloat16)
             self.text_encoder.to(torch.bfloat16)
 
@@ -238,13 +240,11 @@ class SDFineTune(L.LightningModule):
             "eps": hp.adam_eps,
             "weight_decay": hp.weight_decay,
         }
-        if hp.optimizer == "adamw8bit" and self.device.type == "cuda":
-            import bitsandbytes as bnb
+        if hp.optimizer == "adamw8bit":
+            import bitsandbytes as bnb  # runs on CPU too (uint8 state, qmaps, absmax): no fallback
 
             optimizer = bnb.optim.AdamW8bit(params, **kwargs)
         else:
-            if hp.optimizer == "adamw8bit":
-                log.warning("model.optimizer: adamw8bit needs CUDA; training on %s with torch AdamW", self.device)
             optimizer = torch.optim.AdamW(params, **kwargs)
         scheduler = get_scheduler(
             hp.lr_scheduler, optimizer, num_warmup_steps=hp.lr_warmup_steps, num_training_steps=total_steps
