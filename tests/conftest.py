@@ -270,8 +270,8 @@ def kill_condition(kill: Kill, run_dir: Path) -> Callable[[], bool]:
         log = run_dir / "steps.jsonl"
         if not fresh(log):
             return False
-        lines = log.read_bytes().splitlines()
-        return bool(lines) and json.loads(lines[-1])["step"] >= kill.step
+        complete = log.read_bytes().split(b"\n")[:-1]  # the last line may be half written
+        return bool(complete) and json.loads(complete[-1])["step"] >= kill.step
 
     def writing() -> bool:
         folders = checkpoints.glob(".tmp-epoch=*")

@@ -68,7 +68,11 @@ def test_kill_during_upload_then_resume_on_an_empty_disk(
 
         first = tmp_path / "box1" / "run"
         uploading_second = "/runs/r1/checkpoints/epoch%3D0001-step%3D000032/"
-        kill_when(config_for(first), lambda: any(p.startswith("PUT") and uploading_second in p for p in faults.paths))
+        # Killed once a part of a multipart upload of the second checkpoint has arrived (whichever file it is).
+        def uploading_a_part() -> bool:
+            return any(p.startswith("PUT") and uploading_second in p and "partNumber=" in p for p in faults.paths)
+
+        kill_when(config_for(first), uploading_a_part)
         # The first remote checkpoint is complete; the second one is partial and does not count.
         remote = StorageRemote(remote_url, keep_last=2)
         direct = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
@@ -138,7 +142,7 @@ def test_hub_publishing_resume_from_hub_and_no_secrets_anywhere(
         assert hub.state.counts["commit_429"] == 1 and hub.state.counts["lfs_uploads"] > 0
         files = hub.state.repos[repo].resolve("main").files
         assert "README.md" in files and "checkpoints/epoch=0001-step=000032/training_state.safetensors" in files
-        assert all(p.endswith((".safetensors", ".json", ".png", ".md")) for p in files), sorted(files)
+        assert all(p.endswith((".safetensors", ".json", ".jsonl", ".png", ".md")) for p in files), sorted(files)
         card = hub.state.file_bytes(repo, "README.md").decode()
         assert "library_name: diffusers" in card and "checkpoints/epoch=0001-step=000032/samples.png" in card
 
