@@ -68,6 +68,7 @@ def test_kill_during_upload_then_resume_on_an_empty_disk(
 
         first = tmp_path / "box1" / "run"
         uploading_second = "/runs/r1/checkpoints/epoch%3D0001-step%3D000032/"
+
         # Killed once a part of a multipart upload of the second checkpoint has arrived (whichever file it is).
         def uploading_a_part() -> bool:
             return any(p.startswith("PUT") and uploading_second in p and "partNumber=" in p for p in faults.paths)
