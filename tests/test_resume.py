@@ -1,13 +1,14 @@
-"""Exact resume: a run killed with SIGKILL and resumed in a new process equals an uninterrupted run, bitwise."""
+"""A kill during a checkpoint write keeps every complete checkpoint, and the next start removes the partial one.
+
+(Resumes inside an epoch, at epoch boundaries and after many kills are in test_resume_chains.py.)"""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
-from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
+from sdtune.checkpoint.layout import list_checkpoints, verify_checkpoint
 from tests.conftest import assert_same_run, kill_when, run_train, train_config
 
 pytestmark = pytest.mark.slow
@@ -29,30 +30,6 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory, synth_shards: Path) 
     config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
     run_train(config)
     return run_dir
-
-
-def test_resume_inside_an_epoch(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
-    run_dir = tmp_path / "run"
-    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
-    kill_when(config, lambda: any((run_dir / "checkpoints").glob("epoch=*/manifest.json")))
-    killed_at = find_latest_checkpoint(run_dir / "checkpoints")
-    assert killed_at is not None and killed_at.step % BATCHES_PER_EPOCH != 0, killed_at  # mid-epoch, odd batch count
-    run_train(config, "--resume", "auto")
-    assert_same_run(reference_run, run_dir, resumed_from=killed_at.step, final_step=40)
-
-
-def test_resume_at_an_epoch_boundary(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
-    run_dir = tmp_path / "run"
-    config = train_config(run_dir, synth_shards, callbacks=[EMA, checkpoint_callback(5)], max_steps=40)
-    boundary = run_dir / "checkpoints" / f"epoch=0000-step={BATCHES_PER_EPOCH:06d}" / "manifest.json"
-    kill_when(config, boundary.exists)
-    # Drop the newer mid-epoch checkpoints the run may have written after the boundary one before the kill.
-    for ref in list_checkpoints(run_dir / "checkpoints"):
-        if ref.step > BATCHES_PER_EPOCH:
-            shutil.rmtree(ref.path)
-    assert find_latest_checkpoint(run_dir / "checkpoints").step == BATCHES_PER_EPOCH
-    run_train(config, "--resume", "auto")
-    assert_same_run(reference_run, run_dir, resumed_from=BATCHES_PER_EPOCH, final_step=40)
 
 
 def test_kill_during_checkpoint_write_keeps_previous(tmp_path: Path, synth_shards: Path, reference_run: Path) -> None:
