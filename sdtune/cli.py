@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -18,6 +18,7 @@ from sdtune.storage import s3
 from sdtune.storage.s3 import S3Settings
 
 log = logging.getLogger("sdtune")
+T = TypeVar("T")
 
 
 class SDTuneCLI(LightningCLI):
@@ -35,9 +36,7 @@ class SDTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling;
         every run gets a `StepLog`."""
-        # Without a subcommand (`run=False`, as `sdtune bench` builds it) the config is not nested under one.
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        trainer_config = config["trainer"]
+        trainer_config = self._config()["trainer"]
         callbacks = list(trainer_config.get("callbacks") or [])
         accelerator = str(trainer_config.get("accelerator", "auto"))
         world_size = num_processes(
@@ -45,11 +44,10 @@ class SDTuneCLI(LightningCLI):
             trainer_config.get("devices", "auto"),
             int(trainer_config.get("num_nodes", 1)),
         )
-        settings = config["distributed"]
         kwargs["strategy"] = build_strategy(
             trainer_config.get("strategy", "auto"),
             world_size,
-            settings if isinstance(settings, DistributedSettings) else DistributedSettings(**vars(settings)),
+            self._settings("distributed", DistributedSettings),
             accelerator=accelerator,
             optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
             uses_ema=any(isinstance(c, EMA) for c in callbacks),
@@ -66,10 +64,18 @@ class SDTuneCLI(LightningCLI):
         kwargs["callbacks"] = [*callbacks, *added]
         return super().instantiate_trainer(**kwargs)
 
+    def _config(self) -> Any:
+        # Without a subcommand (`run=False`, as `sdtune bench` builds it) the config is not nested under one.
+        return self.config_init[self.subcommand] if self.subcommand else self.config_init
+
+    def _settings(self, section: str, cls: type[T]) -> T:
+        """A dataclass section of the config (`s3:`, `distributed:`) as its dataclass."""
+        value = self._config()[section]
+        return value if isinstance(value, cls) else cls(**vars(value))
+
     def _configure_storage(self) -> None:
         """The `s3:` section, for every subcommand (fit, validate, test read shards alike)."""
-        settings = self.config_init[self.subcommand]["s3"]
-        s3.configure(settings if isinstance(settings, S3Settings) else S3Settings(**vars(settings)))
+        s3.configure(self._settings("s3", S3Settings))
 
     def before_validate(self) -> None:
         self._configure_storage()

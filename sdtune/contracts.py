@@ -55,10 +55,11 @@ def _members(protocol: type) -> list[str]:
 
 def require(module: object, protocol: type, needed_by: str) -> None:
     """Raise a ValueError naming what `module` lacks of `protocol` (for `needed_by`, a callback)."""
-    missing = [name for name in _members(protocol) if not hasattr(module, name)]
+    members = _members(protocol)
+    missing = [name for name in members if not hasattr(module, name)]
     if missing:
         raise ValueError(
-            f"{needed_by} needs a model that offers {protocol.__name__} ({', '.join(_members(protocol))}); "
+            f"{needed_by} needs a model that offers {protocol.__name__} ({', '.join(members)}); "
             f"{type(module).__name__} lacks {', '.join(missing)}. Remove {needed_by} from trainer.callbacks "
             "or use a model that has them"
         )
