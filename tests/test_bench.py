@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import QUICKSTART, REPO, train_env
+from tests.helpers.runs import QUICKSTART, REPO, train_env
 
 pytestmark = pytest.mark.slow
 

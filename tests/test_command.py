@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sdtune.command import COMMANDS, LIGHTNING, main
-from tests.conftest import QUICKSTART, REPO, train_env
+from tests.helpers.runs import QUICKSTART, REPO, train_env
 
 
 def sdtune(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:

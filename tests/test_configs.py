@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from sdtune.cli import main
+from tests.helpers.runs import REPO
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs() -> None:
@@ -40,7 +41,7 @@ def test_bad_option_names_the_option(capsys: pytest.CaptureFixture[str]) -> None
 def test_vastai_script_checks_credentials_before_doing_anything(tmp_path: Path) -> None:
     import subprocess
 
-    script = Path(__file__).resolve().parents[1] / "scripts" / "vastai_onstart.sh"
+    script = REPO / "scripts" / "vastai_onstart.sh"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     env = {"PATH": "/usr/bin:/bin", "SDTUNE_CONFIG": "configs/sd15_lora_r2.yaml", "SDTUNE_WORKDIR": str(tmp_path / "w")}
     result = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True)

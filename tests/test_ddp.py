@@ -19,17 +19,9 @@ import pytest
 from sdtune.callbacks.step_log import STEP_LOG
 from sdtune.checkpoint.layout import TRAINING_STATE, find_latest_checkpoint, list_checkpoints, verify_checkpoint
 from sdtune.checkpoint.state_file import load_state
-from tests.conftest import (
-    REPO,
-    assert_same_run,
-    kill_condition,
-    kill_plan,
-    kill_when,
-    run_train,
-    train_command,
-    train_config,
-    train_env,
-)
+from tests.helpers.assertions import assert_same_run
+from tests.helpers.kills import kill_condition, kill_plan
+from tests.helpers.runs import REPO, kill_when, run_train, train_command, train_config, train_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.ddp]
 MAX_STEPS = 20
@@ -41,8 +33,8 @@ def ddp_config(run_dir: Path, shards: Path, *, model: dict | None = None, max_st
     probe = str(run_dir / "probe")
     callbacks = [
         EMA,
-        {"class_path": "tests.ddp_probe.KeyRecorder", "init_args": {"out_dir": probe}},
-        {"class_path": "tests.ddp_probe.RankFingerprint", "init_args": {"out_dir": probe}},
+        {"class_path": "tests.helpers.probes.KeyRecorder", "init_args": {"out_dir": probe}},
+        {"class_path": "tests.helpers.probes.RankFingerprint", "init_args": {"out_dir": probe}},
         {
             "class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint",
             "init_args": {"every_n_epochs": 1, "every_n_train_steps": 5, "keep_last": 10},
@@ -152,7 +144,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(
 
 def test_nan_on_one_rank_is_skipped_on_both(tmp_path: Path, synth_shards: Path) -> None:
     run_dir = tmp_path / "run"
-    model = {"class_path": "tests.ddp_probe.NaNOnRank", "nan_rank": 1, "nan_steps": [3], "max_nonfinite_steps": 2}
+    model = {"class_path": "tests.helpers.probes.NaNOnRank", "nan_rank": 1, "nan_steps": [3], "max_nonfinite_steps": 2}
     result = run_train(ddp_config(run_dir, synth_shards, model=model, max_steps=5))
     pattern = r"rank (\d): step (\d+) skipped on every rank: non-finite loss on rank\(s\) \[1\]"
     skips = re.findall(pattern, result.stderr)

@@ -16,7 +16,7 @@ from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, v
 from sdtune.checkpoint.state_file import load_state
 from sdtune.models import SDFineTune
 from sdtune.models.components import load_components
-from tests.conftest import QUICKSTART, run_train
+from tests.helpers.runs import QUICKSTART, run_train
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,9 @@ import pytest
 
 from sdtune.checkpoint.layout import find_latest_checkpoint
 from sdtune.slurm import render
-from tests.conftest import assert_same_run, train_config
-from tests.slurm_cluster import LocalSlurm, missing_tools
+from tests.helpers.assertions import assert_same_run
+from tests.helpers.runs import train_config
+from tests.helpers.slurm_cluster import LocalSlurm, missing_tools
 
 pytestmark = pytest.mark.slow
 MAX_STEPS = 20

@@ -19,7 +19,7 @@ from sdtune import storage
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.slurm import render
 from sdtune.sweep import plan, read_plan
-from tests.conftest import REPO, train_config, train_env
+from tests.helpers.runs import REPO, train_config, train_env
 
 pytestmark = pytest.mark.slow
 SIZES = [30, 100, 300]

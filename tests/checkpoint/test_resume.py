@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from sdtune.checkpoint.layout import list_checkpoints, verify_checkpoint
-from tests.conftest import assert_same_run, kill_when, run_train, train_config
+from tests.helpers.assertions import assert_same_run
+from tests.helpers.runs import kill_when, run_train, train_config
 
 pytestmark = pytest.mark.slow
 BATCHES_PER_EPOCH = 16  # 64 samples / batch 4 (2 workers x 8 batches)

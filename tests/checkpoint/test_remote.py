@@ -18,9 +18,10 @@ from data_tools.remote import upload
 from sdtune.checkpoint.layout import list_checkpoints, verify_checkpoint
 from sdtune.checkpoint.publish import PUBLISH_LOG
 from sdtune.checkpoint.remote import StorageRemote
-from tests.conftest import QUICKSTART, kill_when, read_losses, run_train, train_config
-from tests.hub_server import HubServer
-from tests.s3_fault_proxy import FaultProxy, Faults
+from tests.helpers.assertions import read_losses
+from tests.helpers.hub_server import HubServer
+from tests.helpers.runs import QUICKSTART, kill_when, run_train, train_config
+from tests.helpers.s3_fault_proxy import FaultProxy, Faults
 
 pytestmark = pytest.mark.slow
 EMA = {"class_path": "sdtune.callbacks.ema.EMA", "init_args": {"decay": 0.9}}

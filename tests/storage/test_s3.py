@@ -8,6 +8,7 @@ from pathlib import Path
 import boto3
 import numpy as np
 import pytest
+import yaml
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
@@ -18,7 +19,8 @@ from sdtune.checkpoint.remote import StorageRemote
 from sdtune.data.decode import ImageLimits
 from sdtune.data.stream import SampleTransform, ShardStream
 from sdtune.storage import s3
-from tests.s3_fault_proxy import FaultProxy, Faults
+from tests.helpers.runs import run_train, train_config
+from tests.helpers.s3_fault_proxy import FaultProxy, Faults
 
 
 def _object(tmp_path: Path, size: int = 3 * 1024 * 1024 + 7) -> Path:
@@ -160,9 +162,6 @@ def test_validate_reads_shards_from_s3_with_the_configs_settings(
     tmp_path: Path, synth_shards: Path, s3_endpoint: str, s3_bucket: str
 ) -> None:
     """`train.py validate` honours the config's `s3:` section as `fit` does (it was ignored before)."""
-    import yaml
-
-    from tests.conftest import run_train, train_config
 
     dest = f"s3://{s3_bucket}/datasets/synth"
     upload(synth_shards, dest)

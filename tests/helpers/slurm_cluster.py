@@ -12,6 +12,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.helpers.ports import free_port
+
 
 def _node_name() -> str:
     """This host's name when it resolves (Lightning makes the first node of the job the rendezvous address)."""
@@ -56,12 +58,6 @@ PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def missing_tools() -> list[str]:
     return [tool for tool in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(tool) is None]
 
@@ -84,7 +80,7 @@ class LocalSlurm:
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
         self.conf.write_text(
-            SLURM_CONF.format(root=root, node=NODE, cpus=self.cpus, ctld_port=_free_port(), slurmd_port=_free_port())
+            SLURM_CONF.format(root=root, node=NODE, cpus=self.cpus, ctld_port=free_port(), slurmd_port=free_port())
         )
         self._daemon(
             "munged",

@@ -11,9 +11,8 @@ import pytest
 from sdtune.cli import main
 from sdtune.latent.benchmark import benchmark
 from sdtune.latent.report import REPORT_AUGMENTATIONS, report
-from tests.browser import find_chromium, inspect_page
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.browser import find_chromium, inspect_page
+from tests.helpers.runs import REPO
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,9 @@ from sdtune.latent.augment import Interpolate
 from sdtune.latent.benchmark import benchmark
 from sdtune.latent.classification_data import ClassificationDataModule
 from sdtune.latent.classifier import load_classifier
+from tests.helpers.runs import REPO, kill_when, run_train
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "latent").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs" / "latent").glob("*.yaml"))
 
 
 def test_metrics_match_sklearn() -> None:
@@ -154,8 +155,6 @@ def test_a_killed_classifier_resumes_exactly(
     """latent_cnn_augmented (augmentation redrawn every epoch, shuffled batches), killed after its second
     checkpoint and resumed: the same metrics, exported network and final checkpoint as never killed."""
     import yaml
-
-    from tests.conftest import kill_when, run_train
 
     def config(run_dir: Path) -> Path:
         settings = yaml.safe_load((CONFIGS[0].parent / "latent_cnn_augmented.yaml").read_text())

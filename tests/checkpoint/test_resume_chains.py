@@ -12,14 +12,8 @@ import pytest
 
 from sdtune.callbacks.step_log import STEP_LOG
 from sdtune.checkpoint.layout import find_latest_checkpoint, list_checkpoints, verify_checkpoint
-from tests.conftest import (
-    kill_condition,
-    kill_plan,
-    kill_when,
-    quickstart_callbacks,
-    run_train,
-    train_config,
-)
+from tests.helpers.kills import kill_condition, kill_plan
+from tests.helpers.runs import kill_when, quickstart_callbacks, run_train, train_config
 
 pytestmark = pytest.mark.slow
 STEPS_PER_EPOCH = 16  # 64 samples / batch 4
@@ -36,7 +30,7 @@ KILL_KINDS = ["startup", "step", "writing", "step", "preempt", "boundary", "star
 
 
 # Three steps (0-based indices) have a NaN loss and are skipped: checkpoints after a skip resume exactly too.
-NAN_MODEL = {"class_path": "tests.ddp_probe.NaNOnRank", "nan_rank": 0, "nan_steps": [11, 13, 41]}
+NAN_MODEL = {"class_path": "tests.helpers.probes.NaNOnRank", "nan_rank": 0, "nan_steps": [11, 13, 41]}
 
 
 def quickstart_run(run_dir: Path, shards: Path, **checkpoint: object) -> Path:

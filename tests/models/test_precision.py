@@ -13,7 +13,7 @@ from sdtune.checkpoint.layout import TRAINING_STATE, find_latest_checkpoint, lis
 from sdtune.checkpoint.state_file import load_state
 from sdtune.models import SDFineTune
 from sdtune.models.components import load_components
-from tests.conftest import kill_when, quickstart_callbacks, run_train, train_config
+from tests.helpers.runs import kill_when, quickstart_callbacks, run_train, train_config
 
 EMA = {"class_path": "sdtune.callbacks.ema.EMA", "init_args": {"decay": 0.9}}
 
@@ -31,7 +31,7 @@ def test_a_unet_loaded_from_a_folder_trains_in_train_mode(tmp_path: Path) -> Non
 @pytest.mark.slow
 def test_bf16_mixed_runs_the_frozen_parts_in_bf16_and_renders_the_grid(tmp_path: Path, synth_shards: Path) -> None:
     run_dir = tmp_path / "run"
-    probe = {"class_path": "tests.ddp_probe.DtypeProbe", "init_args": {"out_dir": str(run_dir / "probe")}}
+    probe = {"class_path": "tests.helpers.probes.DtypeProbe", "init_args": {"out_dir": str(run_dir / "probe")}}
     config = train_config(
         run_dir, synth_shards, callbacks=[*quickstart_callbacks(), probe], max_epochs=1, precision="bf16-mixed"
     )

@@ -24,7 +24,8 @@ from sdtune.data.latents import LatentSettings, decode_latents, encode
 from sdtune.data.tables import read_table
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.models.components import load_vae
-from tests.conftest import REPO, read_losses, run_train, train_config
+from tests.helpers.assertions import read_losses
+from tests.helpers.runs import REPO, run_train, train_config
 
 
 @pytest.fixture(scope="module")
