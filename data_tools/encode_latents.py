@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from sdtune import storage
 from sdtune.data.decode import BadSample, ImageLimits, decode_image, resize_crop_flip
 from sdtune.data.latents import LatentSettings, encode, latent_members, settings_for
 from sdtune.data.manifest import DatasetManifest, ShardEntry, dataset_url, read_manifest
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
 from sdtune.fileio import sha256_file
 from sdtune.models.components import load_vae
+from sdtune.storage import Storage, is_remote, join
+from sdtune.storage.settings import S3Settings
 
 log = logging.getLogger(__name__)
 SETTINGS_NAME = "encoding.json"
@@ -40,23 +41,23 @@ COPIED_EXTS = ("txt", "json", "cls")
 _READ_EXTS = frozenset(("jpg", "jpeg", "png", "webp", *COPIED_EXTS))
 
 
-def _read_json(url: str) -> dict | None:
+def _read_json(url: str, storage: Storage) -> dict | None:
     return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
-def _put_json(data: dict, url: str, staging: Path) -> None:
+def _put_json(data: dict, url: str, staging: Path, storage: Storage) -> None:
     """Write JSON to any storage URL (local writes are atomic renames)."""
     path = staging / f".{os.path.basename(url)}"
     path.write_text(json.dumps(data, indent=2) + "\n")
     storage.upload(path, url)
 
 
-def check_settings(out: str, settings: LatentSettings, staging: Path) -> None:
+def check_settings(out: str, settings: LatentSettings, staging: Path, storage: Storage) -> None:
     """Record the settings of a new cache, or refuse to continue one made with other settings."""
-    url = storage.join(out, SETTINGS_NAME)
-    existing = _read_json(url)
+    url = join(out, SETTINGS_NAME)
+    existing = _read_json(url, storage)
     if existing is None:
-        _put_json(settings.to_json(), url, staging)
+        _put_json(settings.to_json(), url, staging, storage)
         return
     differences = settings.differences(LatentSettings.from_json(existing))
     if differences:
@@ -69,8 +70,9 @@ def check_settings(out: str, settings: LatentSettings, staging: Path) -> None:
 class _ShardEncoder:
     """Encodes one image shard into a latent tar, batch by batch."""
 
-    def __init__(self, vae: torch.nn.Module, settings: LatentSettings, batch_size: int) -> None:
+    def __init__(self, vae: torch.nn.Module, settings: LatentSettings, batch_size: int, storage: Storage) -> None:
         self.vae = vae
+        self.storage = storage
         self.settings = settings
         self.batch_size = batch_size
         self.limits = ImageLimits(min_side=settings.resolution // 2, max_pixels=64_000_000)
@@ -94,7 +96,7 @@ class _ShardEncoder:
         rng = np.random.default_rng(0)  # unused: center crop, no random flip
         num_written = 0
         batch: list[tuple[RawSample, torch.Tensor]] = []
-        with storage.open_read(url) as stream, wds.TarWriter(str(tar_path)) as writer:
+        with self.storage.open_read(url) as stream, wds.TarWriter(str(tar_path)) as writer:
             for raw in iter_tar_samples(stream, url, _READ_EXTS, errors):
                 try:
                     image = decode_image(raw, self.limits)
@@ -118,7 +120,7 @@ class _ShardEncoder:
 def _staging(out: str) -> Iterator[Path]:
     """Where shards are written before they go to `out`: inside a local `out` (so the final move is a rename
     and a killed run's leftovers are cleared by the next one), else a temporary folder."""
-    if storage.is_remote(out):
+    if is_remote(out):
         with tempfile.TemporaryDirectory(prefix="encode_latents-") as tmp:
             yield Path(tmp)
         return
@@ -142,6 +144,7 @@ def encode_latents(
     batch_size: int = 16,
     device: str = "auto",
     vae_dtype: str = "float32",
+    s3: S3Settings | None = None,
 ) -> DatasetManifest:
     """Encode every image shard of `source` into a latent shard under `out`, then write the manifest.
 
@@ -158,11 +161,13 @@ def encode_latents(
         batch_size: Images per VAE forward pass.
         device: "auto" (CUDA when available), "cpu" or "cuda".
         vae_dtype: float32 or bfloat16 for the VAE's forward pass (SD's VAE overflows in float16).
+        s3: Settings for s3:// (endpoint, retries), as in a training config's `s3:` section.
     """
+    storage = Storage(s3)
     urls = storage.expand_urls(source)
     if not urls:
         raise ValueError(f"encode_latents --source: no .tar shards match {source!r}")
-    source_manifest = read_manifest(dataset_url(source))
+    source_manifest = read_manifest(dataset_url(source, storage), storage)
     resolution = resolution or (source_manifest.resolution if source_manifest else None)
     if not resolution:
         raise ValueError(f"encode_latents --resolution: {source} has no manifest with a resolution; give one")
@@ -175,11 +180,11 @@ def encode_latents(
     torch_device = torch.device(device)
     model = load_vae(vae, revision, vae_subfolder).to(torch_device, getattr(torch, vae_dtype)).eval()
     settings = settings_for(model, vae, revision, vae_subfolder, resolution, flip, dtype, file_format)
-    encoder = _ShardEncoder(model, settings, batch_size)
+    encoder = _ShardEncoder(model, settings, batch_size, storage)
     with _staging(out) as staging:
-        check_settings(out, settings, staging)
-        progress_url = storage.join(out, PROGRESS_NAME)
-        progress = _read_json(progress_url) or {"done": {}, "skipped": {}}
+        check_settings(out, settings, staging, storage)
+        progress_url = join(out, PROGRESS_NAME)
+        progress = _read_json(progress_url, storage) or {"done": {}, "skipped": {}}
         names = [os.path.basename(u) for u in urls]
         todo = [u for u, n in zip(urls, names, strict=True) if n not in progress["done"]]
         num_done = len(urls) - len(todo)
@@ -190,14 +195,14 @@ def encode_latents(
             tar_path = staging / name
             num_samples = encoder.encode_shard(url, tar_path)
             entry = ShardEntry(name, num_samples, sha256_file(tar_path), tar_path.stat().st_size)
-            if storage.is_remote(out):
-                storage.upload(tar_path, storage.join(out, name))
+            if is_remote(out):
+                storage.upload(tar_path, join(out, name))
                 tar_path.unlink()
             else:
                 tar_path.replace(Path(out) / name)
             progress["done"][name] = vars(entry)
             progress["skipped"][name] = dict(encoder.skipped)
-            _put_json(progress, progress_url, staging)  # the shard counts as done only from here on
+            _put_json(progress, progress_url, staging, storage)  # the shard counts as done only from here on
             log.info("encoded %s: %d samples (skipped %s)", name, num_samples, dict(encoder.skipped) or "none")
         skipped: Counter[str] = Counter()
         for counts in progress["skipped"].values():
@@ -211,6 +216,6 @@ def encode_latents(
         )
         manifest_path = staging / "manifest.json"
         manifest.write(staging)
-        storage.upload(manifest_path, storage.join(out, "manifest.json"))
+        storage.upload(manifest_path, join(out, "manifest.json"))
     print(f"wrote {manifest.num_samples} latents {settings.latent_shape} in {len(names)} shards to {out}")
     return manifest

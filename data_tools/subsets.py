@@ -17,17 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from data_tools.shard_sink import ShardSink
-from sdtune import storage
 from sdtune.data.decode import WANTED_EXTS
 from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.tar_stream import iter_tar_samples
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 
 def subset_dir(out: Path, size: int) -> Path:
     return out / f"size-{size:06d}"
 
 
-def _count(urls: list[str]) -> int:
+def _count(urls: list[str], storage: Storage) -> int:
     errors: dict[str, int] = {}
     total = 0
     for url in urls:
@@ -44,6 +45,7 @@ def subsets(
     seed: int = 0,
     min_shards: int = 8,
     max_samples_per_shard: int = 1000,
+    s3: S3Settings | None = None,
 ) -> dict[str, int]:
     """Write `out/size-<n>/` for each size and `out/val/`, each a shard folder with a manifest.
 
@@ -56,14 +58,16 @@ def subsets(
         min_shards: Shards per subset at least (so that ranks x workers readers each get one), if it has
             that many samples.
         max_samples_per_shard: Shards hold at most this many samples.
+        s3: Settings for s3:// (endpoint, retries), as in a training config's `s3:` section.
     """
+    storage = Storage(s3)
     sizes = sorted(set(sizes))
     urls = storage.expand_urls(source)
     if not urls:
         raise ValueError(f"--source: no .tar shards match {source!r}")
     if not sizes or sizes[0] < 1:
         raise ValueError(f"--sizes: give positive sizes, got {sizes}")
-    num_samples = _count(urls)
+    num_samples = _count(urls, storage)
     if val_size + sizes[-1] > num_samples:
         raise ValueError(
             f"--sizes: the largest subset ({sizes[-1]}) plus --val_size ({val_size}) exceeds the {num_samples} "
@@ -77,7 +81,7 @@ def subsets(
         per_shard = max(1, min(max_samples_per_shard, math.ceil(n / min_shards)))
         return ShardSink(folder, per_shard, source_manifest.resolution if source_manifest else None)
 
-    source_manifest = read_manifest(dataset_url(source))
+    source_manifest = read_manifest(dataset_url(source, storage), storage)
     sinks = {"val": sink(out / "val", val_size)} if val_size else {}
     sinks |= {str(n): sink(subset_dir(out, n), n) for n in sizes}
     errors: dict[str, int] = {}

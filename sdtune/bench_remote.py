@@ -29,18 +29,22 @@ from torch.utils.data import DataLoader
 from data_tools.make_shards import make_shards
 from data_tools.remote import upload
 from data_tools.synth import synth
-from sdtune import storage
 from sdtune.checkpoint.publish import PUBLISH_LOG
 from sdtune.data.decode import ImageLimits
 from sdtune.data.stream import SampleTransform, ShardStream
-from sdtune.storage import s3
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loader_rate(urls: list[str], counts: list[int], resolution: int, workers: int, repeats: int) -> float:
+def loader_rate(
+    urls: list[str], counts: list[int], resolution: int, workers: int, repeats: int, storage: Storage
+) -> float:
     transform = SampleTransform(resolution=resolution, limits=ImageLimits(min_side=resolution // 2, max_pixels=10**8))
-    stream = ShardStream(urls, counts, batch_size=8, num_workers=workers, rank=0, world_size=1, transform=transform)
+    stream = ShardStream(
+        urls, counts, batch_size=8, num_workers=workers, rank=0, world_size=1, transform=transform, storage=storage
+    )
     loader = DataLoader(stream, batch_size=8, num_workers=workers, persistent_workers=False)
     rates = []
     for _ in range(repeats):
@@ -51,13 +55,15 @@ def loader_rate(urls: list[str], counts: list[int], resolution: int, workers: in
     return statistics.median(rates)
 
 
-def bench_loader(shards: Path, s3_prefix: str, resolution: int, workers: int, repeats: int) -> dict[str, float]:
-    upload(shards, s3_prefix, read_back=False)
+def bench_loader(
+    shards: Path, s3_prefix: str, resolution: int, workers: int, repeats: int, storage: Storage
+) -> dict[str, float]:
+    upload(shards, s3_prefix, read_back=False, s3=storage.s3)
     local_urls, remote_urls = storage.expand_urls(str(shards)), storage.expand_urls(s3_prefix)
     by_name = {s["name"]: s["num_samples"] for s in json.loads((shards / "manifest.json").read_text())["shards"]}
     counts = [by_name[os.path.basename(u)] for u in local_urls]
-    local = loader_rate(local_urls, counts, resolution, workers, repeats)
-    remote = loader_rate(remote_urls, counts, resolution, workers, repeats)
+    local = loader_rate(local_urls, counts, resolution, workers, repeats, storage)
+    remote = loader_rate(remote_urls, counts, resolution, workers, repeats, storage)
     return {"local_img_s": round(local, 1), "s3_img_s": round(remote, 1), "s3_over_local": round(remote / local, 3)}
 
 
@@ -109,7 +115,7 @@ def main(
         repeats: Epochs per loader measurement (median reported).
         mode: all, loader or publish.
     """
-    s3.configure(endpoint_url=endpoint_url)
+    storage = Storage(S3Settings(endpoint_url=endpoint_url))
     if create_bucket:
         _create_bucket(endpoint_url, bucket)
     prefix = f"s3://{bucket}/bench-{uuid.uuid4().hex[:8]}"
@@ -119,7 +125,7 @@ def main(
         if mode in ("all", "loader"):
             synth(work / "images", num_images=num_images, size=resolution, seed=0)
             make_shards(work / "images", work / "shards", resolution=resolution, samples_per_shard=num_images // 8)
-            report["loader"] = bench_loader(work / "shards", f"{prefix}/dataset", resolution, workers, repeats)
+            report["loader"] = bench_loader(work / "shards", f"{prefix}/dataset", resolution, workers, repeats, storage)
         if mode in ("all", "publish"):
             synth(work / "small", num_images=64, size=64, seed=0)
             make_shards(work / "small", work / "small_shards", resolution=64, samples_per_shard=16)

@@ -12,10 +12,11 @@ from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
 from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
+from sdtune.contracts import UsesStorage
 from sdtune.distributed import DistributedSettings, build_strategy, cluster_plugins, num_processes
 from sdtune.logs import setup_logging
-from sdtune.storage import s3
-from sdtune.storage.s3 import S3Settings
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 log = logging.getLogger("sdtune")
 T = TypeVar("T")
@@ -74,8 +75,12 @@ class SDTuneCLI(LightningCLI):
         return value if isinstance(value, cls) else cls(**vars(value))
 
     def _configure_storage(self) -> None:
-        """The `s3:` section, for every subcommand (fit, validate, test read shards alike)."""
-        s3.configure(self._settings("s3", S3Settings))
+        """One `Storage` from the `s3:` section, handed to the DataModule and the callbacks that read or write
+        URLs, for every subcommand (fit, validate and test read shards alike)."""
+        storage = Storage(self._settings("s3", S3Settings))
+        for user in [self.datamodule, *self.trainer.callbacks]:
+            if isinstance(user, UsesStorage):
+                user.use_storage(storage)
 
     def before_validate(self) -> None:
         self._configure_storage()

@@ -7,9 +7,12 @@ the names of what is missing, not with an AttributeError in the middle of the fi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from sdtune.storage import Storage
 
 
 @runtime_checkable
@@ -42,6 +45,14 @@ class Sampleable(Protocol):
     text_encoder: torch.nn.Module
     tokenizer: Any
     noise_scheduler: Any
+
+
+@runtime_checkable
+class UsesStorage(Protocol):
+    """A DataModule or callback that reads or writes URLs: the CLI hands it the run's `Storage`, built from the
+    config's `s3:` section, before fit, validate or test."""
+
+    def use_storage(self, storage: Storage) -> None: ...
 
 
 def _members(protocol: type) -> list[str]:

@@ -10,6 +10,8 @@ import pytest
 
 from data_tools.make_shards import make_shards
 from data_tools.synth import synth
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 from tests.helpers.ports import S3_CREDENTIALS, free_port
 
 # A test that uses one of these fixtures needs that real component, and gets its marker (see pyproject.toml).
@@ -70,11 +72,12 @@ def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def s3_endpoint(s3_server: str) -> Iterator[str]:
-    """Points sdtune's S3 settings at the local server for in-process tests."""
-    from sdtune.storage import s3
+def s3_settings(s3_server: str) -> S3Settings:
+    """S3 settings for the local server, as a config's `s3:` section would give them."""
+    return S3Settings(endpoint_url=s3_server)
 
-    before = s3.settings()
-    s3.configure(endpoint_url=s3_server)
-    yield s3_server
-    s3.configure(before)
+
+@pytest.fixture
+def s3_storage(s3_settings: S3Settings) -> Storage:
+    """The storage an in-process test reads and writes the local S3 server through."""
+    return Storage(s3_settings)

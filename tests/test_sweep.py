@@ -15,9 +15,9 @@ import pytest
 from data_tools.make_shards import make_shards
 from data_tools.subsets import subset_dir, subsets
 from data_tools.synth import synth
-from sdtune import storage
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.slurm import render
+from sdtune.storage import Storage
 from sdtune.sweep import plan, read_plan
 from tests.helpers.runs import REPO, train_config, train_env
 
@@ -33,6 +33,7 @@ CHECKPOINT = {"class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint", "in
 def captions(folder: Path) -> list[str]:
     errors: dict[str, int] = {}
     found = []
+    storage = Storage()
     for url in storage.expand_urls(str(folder)):
         with storage.open_read(url) as stream:
             found += [raw["json"] for raw in iter_tar_samples(stream, url, frozenset({"json"}), errors)]

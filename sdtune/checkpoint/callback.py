@@ -29,6 +29,7 @@ from sdtune.checkpoint.resume import ResumePlan, agree_on_resume, plan_resume
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
 from sdtune.contracts import Exportable, require
 from sdtune.fileio import fsync_dir
+from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,36 @@ class PeriodicCheckpoint(Checkpoint):
         self.keep_last = keep_last
         self.dirpath = dirpath
         self.remote = remote
-        self.hub = None
-        if hub_repo:
-            self.hub = HubRemote(hub_repo, hub_revision, remote_keep_last, hub_private, hub_weights_only)
+        self.hub_repo, self.hub_revision, self.hub_private = hub_repo, hub_revision, hub_private
+        self.hub_weights_only = hub_weights_only
         self.remote_keep_last = remote_keep_last
+        self.storage = Storage()  # the run's own (the config's `s3:` section) comes through use_storage()
         self.fail_on_publish_error = fail_on_publish_error
         self.last_saved: Path | None = None
         self.publisher: Publisher | None = None
         self.resume_plan: ResumePlan | None = None  # set by prepare_resume before fit
 
+    def use_storage(self, storage: Storage) -> None:
+        """Publish to and resume from remotes through `storage` (built by the CLI from the config's settings)."""
+        self.storage = storage
+
     def remotes(self) -> list[Remote]:
         """Where checkpoints are published, in the order `--resume auto` looks after the local folder."""
-        found: list[Remote] = [StorageRemote(self.remote, self.remote_keep_last)] if self.remote else []
-        return found + ([self.hub] if self.hub else [])
+        found: list[Remote] = []
+        if self.remote:
+            found.append(StorageRemote(self.remote, self.remote_keep_last, self.storage))
+        if self.hub_repo:
+            found.append(
+                HubRemote(
+                    self.hub_repo,
+                    self.hub_revision,
+                    self.remote_keep_last,
+                    self.storage,
+                    self.hub_private,
+                    self.hub_weights_only,
+                )
+            )
+        return found
 
     def checkpoint_dir(self, trainer: L.Trainer) -> Path:
         return Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "checkpoints"
@@ -236,7 +254,7 @@ class PeriodicCheckpoint(Checkpoint):
 
     def _card(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> str:
         hparams = dict(pl_module.hparams) | (dict(trainer.datamodule.hparams) if trainer.datamodule else {})
-        repo = self.hub.repo if self.hub else "checkpoints"
+        repo = self.hub_repo or "checkpoints"
         return model_card(repo, folder.name, read_manifest(folder), hparams, str(trainer.precision), trainer.world_size)
 
     def _prune(self, root: Path) -> None:

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdtune import storage
 from sdtune.checkpoint.layout import MANIFEST, TRAINING_STATE, parse_tag, verify_checkpoint
 from sdtune.fileio import fsync_dir
+from sdtune.storage import Storage, join
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ class Remote(Protocol):
 
     def complete_tags(self) -> list[str]: ...
 
+    def fetch(self, tag: str, checkpoint_dir: Path) -> Path:
+        """Download checkpoint `tag` into `checkpoint_dir/<tag>` and verify it."""
+        ...
+
 
 def complete_checkpoints(files: dict[str, int], need_state: bool = True) -> list[str]:
     """Tags (newest first) of checkpoint folders in a recursive listing that have their manifest."""
@@ -47,15 +51,15 @@ def complete_checkpoints(files: dict[str, int], need_state: bool = True) -> list
     return sorted(complete, key=lambda t: parse_tag(t), reverse=True)  # type: ignore[arg-type,return-value]
 
 
-def fetch_checkpoint(remote_url: str, tag: str, checkpoint_dir: Path) -> Path:
+def fetch_checkpoint(remote_url: str, tag: str, checkpoint_dir: Path, storage: Storage) -> Path:
     """Download a remote checkpoint into `checkpoint_dir/<tag>` (via a temp folder) and verify its hashes."""
-    base = storage.join(remote_url, tag)
+    base = join(remote_url, tag)
     tmp = checkpoint_dir / f".tmp-fetch-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
-    storage.download(storage.join(base, MANIFEST), tmp / MANIFEST)
+    storage.download(join(base, MANIFEST), tmp / MANIFEST)
     manifest = json.loads((tmp / MANIFEST).read_text())
     for name in manifest["files"]:
-        storage.download(storage.join(base, name), tmp / name)
+        storage.download(join(base, name), tmp / name)
     problem = verify_checkpoint(tmp)
     if problem:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -70,12 +74,13 @@ def fetch_checkpoint(remote_url: str, tag: str, checkpoint_dir: Path) -> Path:
 class StorageRemote:
     """Full checkpoints under a storage URL (s3://bucket/prefix or a path); keeps the newest `keep_last`."""
 
-    def __init__(self, url: str, keep_last: int) -> None:
+    def __init__(self, url: str, keep_last: int, storage: Storage) -> None:
         self.url = url.rstrip("/")
         self.keep_last = keep_last
+        self.storage = storage
 
     def prepare(self) -> None:
-        backend = storage.backend_for(self.url)
+        backend = self.storage.backend_for(self.url)
         if hasattr(backend, "abort_multipart_uploads"):
             aborted = backend.abort_multipart_uploads(self.url + "/")
             if aborted:
@@ -84,15 +89,18 @@ class StorageRemote:
     def publish(self, folder: Path, tag: str, card: str) -> None:
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
         for path in files:
-            storage.upload(path, storage.join(self.url, tag, str(path.relative_to(folder))))
-        storage.upload(folder / MANIFEST, storage.join(self.url, tag, MANIFEST))
+            self.storage.upload(path, join(self.url, tag, str(path.relative_to(folder))))
+        self.storage.upload(folder / MANIFEST, join(self.url, tag, MANIFEST))
         self.prune()
 
     def complete_tags(self) -> list[str]:
-        return complete_checkpoints(storage.walk(self.url))
+        return complete_checkpoints(self.storage.walk(self.url))
+
+    def fetch(self, tag: str, checkpoint_dir: Path) -> Path:
+        return fetch_checkpoint(self.url, tag, checkpoint_dir, self.storage)
 
     def prune(self) -> None:
-        files = storage.walk(self.url)
+        files = self.storage.walk(self.url)
         complete = complete_checkpoints(files)
         if not complete:
             return
@@ -103,8 +111,8 @@ class StorageRemote:
         doomed -= set(complete[: self.keep_last])
         for tag in sorted(doomed):
             names = [n for n in files if n.startswith(f"{tag}/")]
-            storage.delete([storage.join(self.url, tag, MANIFEST)])
-            storage.delete([storage.join(self.url, n) for n in names if n != f"{tag}/{MANIFEST}"])
+            self.storage.delete([join(self.url, tag, MANIFEST)])
+            self.storage.delete([join(self.url, n) for n in names if n != f"{tag}/{MANIFEST}"])
             log.info("remote: deleted old checkpoint %s/%s", self.url, tag)
 
 
@@ -138,9 +146,16 @@ class HubRemote:
     """
 
     def __init__(
-        self, repo: str, revision: str, keep_last: int, private: bool = True, weights_only: bool = False
+        self,
+        repo: str,
+        revision: str,
+        keep_last: int,
+        storage: Storage,
+        private: bool = True,
+        weights_only: bool = False,
     ) -> None:
         self.repo = repo
+        self.storage = storage
         self.revision = revision
         self.keep_last = keep_last
         self.private = private
@@ -156,7 +171,10 @@ class HubRemote:
             with_retry(lambda: api.create_branch(self.repo, branch=self.revision, exist_ok=True), "create branch")
 
     def complete_tags(self) -> list[str]:
-        return complete_checkpoints(storage.walk(self.url))
+        return complete_checkpoints(self.storage.walk(self.url))
+
+    def fetch(self, tag: str, checkpoint_dir: Path) -> Path:
+        return fetch_checkpoint(self.url, tag, checkpoint_dir, self.storage)
 
     def publish(self, folder: Path, tag: str, card: str) -> None:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
@@ -166,7 +184,7 @@ class HubRemote:
             files = [p for p in files if p.name != TRAINING_STATE]
         ops: list[Any] = [CommitOperationAdd(f"checkpoints/{tag}/{p.relative_to(folder)}", str(p)) for p in files]
         ops.append(CommitOperationAdd("README.md", card.encode()))
-        existing = complete_checkpoints(storage.walk(self.url), need_state=False)
+        existing = complete_checkpoints(self.storage.walk(self.url), need_state=False)
         for old in [t for t in existing if t != tag][self.keep_last - 1 :]:
             ops.append(CommitOperationDelete(f"checkpoints/{old}/", is_folder=True))
         api = HfApi()

@@ -20,7 +20,7 @@ from pathlib import Path
 import lightning as L
 
 from sdtune.checkpoint.layout import CheckpointRef, find_latest_checkpoint, parse_tag, verify_checkpoint
-from sdtune.checkpoint.remote import Remote, fetch_checkpoint
+from sdtune.checkpoint.remote import Remote
 from sdtune.distributed import gather_objects, is_distributed
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ class ResumePlan:
     """The checkpoint to resume from, and the remote it came from (None: it was on the local disk)."""
 
     ref: CheckpointRef
-    remote_url: str | None = None
+    remote: Remote | None = None
 
     @property
     def tag(self) -> str:
@@ -56,14 +56,14 @@ def newest_remote_checkpoint(
         candidates += [(key, tag, remote) for tag in tags if (key := parse_tag(tag)) and key[0] > newer_than]
     for (step, epoch), tag, remote in sorted(candidates, key=lambda c: c[0], reverse=True):
         if not download:
-            return ResumePlan(CheckpointRef(checkpoint_dir / tag, epoch, step), remote.url)
+            return ResumePlan(CheckpointRef(checkpoint_dir / tag, epoch, step), remote)
         try:
-            folder = fetch_checkpoint(remote.url, tag, checkpoint_dir)
+            folder = remote.fetch(tag, checkpoint_dir)
         except Exception as err:  # a broken remote checkpoint: fall back to the next one
             log.warning("resume auto: %s/%s unusable (%s)", remote.url, tag, err)
             continue
         log.info("resume auto: downloaded %s/%s", remote.url, tag)
-        return ResumePlan(CheckpointRef(folder, epoch, step), remote.url)
+        return ResumePlan(CheckpointRef(folder, epoch, step), remote)
     return None
 
 
@@ -99,8 +99,8 @@ def agree_on_resume(trainer: L.Trainer, plan: ResumePlan | None, checkpoint_dir:
     folder = checkpoint_dir / plan.tag
     trainer.strategy.barrier()  # rank 0's download (on a shared disk) is complete
     if trainer.local_rank == 0 and not folder.is_dir():
-        if plan.remote_url is None:
+        if plan.remote is None:
             raise FileNotFoundError(f"rank {trainer.global_rank}: {folder} is missing on this node")
-        log.info("rank %d: this node lacks %s; fetching it from %s", trainer.global_rank, plan.tag, plan.remote_url)
-        fetch_checkpoint(plan.remote_url, plan.tag, folder.parent)
+        log.info("rank %d: this node lacks %s; fetching it from %s", trainer.global_rank, plan.tag, plan.remote.url)
+        plan.remote.fetch(plan.tag, folder.parent)
     trainer.strategy.barrier()

@@ -14,13 +14,13 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sdtune import storage
 from sdtune.data.decode import ImageLimits
 from sdtune.data.latents import LatentSettings
 from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.distributed import gather_objects
+from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
 _META_KEYS = ("data_worker", "data_position", "data_bad")
@@ -45,7 +45,7 @@ def _ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _count_samples(url: str) -> int:
+def _count_samples(url: str, storage: Storage) -> int:
     errors: dict[str, int] = {}
     with storage.open_read(url) as stream:
         return sum(1 for _ in iter_tar_samples(stream, url, frozenset(), errors))
@@ -116,10 +116,15 @@ class ShardDataModule(L.LightningDataModule):
         self.val_stream: ShardStream | None = None
         self._progress = EpochResume(epoch=0, batches_done=0)
         self.latent_settings: LatentSettings | None = None  # set in setup() when the shards hold latents
+        self.storage = Storage()  # the run's own (the config's `s3:` section) comes through use_storage()
+
+    def use_storage(self, storage: Storage) -> None:
+        """Read shards through `storage` (built by the CLI from the config's settings)."""
+        self.storage = storage
 
     def _shard_counts(self, urls: list[str], spec: str) -> list[int]:
-        folder = dataset_url(spec)
-        manifest = read_manifest(folder)
+        folder = dataset_url(spec, self.storage)
+        manifest = read_manifest(folder, self.storage)
         counts = manifest.counts_by_name() if manifest else {}
         missing = [u for u in urls if os.path.basename(u) not in counts]
         if missing:
@@ -128,12 +133,12 @@ class ShardDataModule(L.LightningDataModule):
                 len(missing),
                 folder,
             )
-        return [counts.get(os.path.basename(u)) or _count_samples(u) for u in urls]
+        return [counts.get(os.path.basename(u)) or _count_samples(u, self.storage) for u in urls]
 
     def _stream(
         self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any
     ) -> ShardStream:
-        urls = storage.expand_urls(spec)
+        urls = self.storage.expand_urls(spec)
         if not urls:
             raise ValueError(f"data.{option}: no .tar shards match {spec!r}; check the path or pattern")
         trainer = self.trainer
@@ -146,13 +151,14 @@ class ShardDataModule(L.LightningDataModule):
             rank,
             world_size,
             transform,
+            self.storage,
             seed=self.seed,
             **kwargs,
         )
 
     def _check_latent_shards(self) -> None:
         """Latent shards fix resolution, crop and flip at encoding time: refuse settings they cannot honour."""
-        manifest = read_manifest(dataset_url(self.shards))
+        manifest = read_manifest(dataset_url(self.shards, self.storage), self.storage)
         if manifest is None or not manifest.latents:
             return
         settings = LatentSettings.from_json(manifest.latents)

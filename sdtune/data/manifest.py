@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sdtune import storage
 from sdtune.fileio import write_text_atomic
+from sdtune.storage import Storage, join
 
 MANIFEST_NAME = "manifest.json"
 FORMAT = "sdtune-shards/1"
@@ -62,16 +62,16 @@ class DatasetManifest:
             ) from None
 
 
-def read_manifest(dataset_url: str) -> DatasetManifest | None:
+def read_manifest(dataset_url: str, storage: Storage) -> DatasetManifest | None:
     """The manifest in a dataset folder/prefix, or None if it has none."""
-    url = storage.join(dataset_url, MANIFEST_NAME)
+    url = join(dataset_url, MANIFEST_NAME)
     if not storage.exists(url):
         return None
     with storage.open_read(url) as f:
         return DatasetManifest.from_json(f.read().decode("utf-8"), url)
 
 
-def dataset_url(shards: str) -> str:
+def dataset_url(shards: str, storage: Storage) -> str:
     """The folder/prefix holding the shards (and the manifest) of a shard spec (folder, glob or brace pattern)."""
     first = shards.split("{", 1)[0]
     if first.endswith(".tar") or "*" in first or not first.endswith("/") and not storage.exists(first):

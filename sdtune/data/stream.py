@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from sdtune import storage
 from sdtune.data.decode import (
     BAD_REASONS,
     LABEL_LATENT_REASONS,
@@ -36,6 +35,7 @@ from sdtune.data.decode import (
 )
 from sdtune.data.latents import decode_latents
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
+from sdtune.storage import Storage, is_remote, reopen_count
 
 STREAM_REASONS = ("truncated_shard", "oversized_member", "extra_pass", "shard_reopen")
 # Counted events that are not skipped samples.
@@ -98,6 +98,7 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         transform: SampleTransform,
+        storage: Storage,
         seed: int = 0,
         shuffle_buffer: int = 1000,
     ) -> None:
@@ -106,6 +107,7 @@ class ShardStream(IterableDataset):
         self.rank = rank
         self.batch_size = batch_size
         self.transform = transform
+        self.storage = storage
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.assignment = assign_shards(len(shard_urls), world_size * self.num_workers)
@@ -127,19 +129,19 @@ class ShardStream(IterableDataset):
     def _read_shards(self, order: list[int], errors: dict[str, int]) -> Iterator[RawSample]:
         urls = [self.shard_urls[i] for i in order]
         # Remote shards: the next one is opened while this one is read, so its request latency is hidden.
-        upcoming = storage.open_read(urls[0]) if urls else None
+        upcoming = self.storage.open_read(urls[0]) if urls else None
         try:
             for index, url in enumerate(urls):
                 stream, upcoming = upcoming, None
-                if index + 1 < len(urls) and storage.is_remote(urls[index + 1]):
-                    upcoming = storage.open_read(urls[index + 1])
+                if index + 1 < len(urls) and is_remote(urls[index + 1]):
+                    upcoming = self.storage.open_read(urls[index + 1])
                 with stream:
                     reopens_before = errors.get("shard_reopen", 0)
                     for raw in iter_tar_samples(stream, url, WANTED_EXTS, errors):
-                        errors["shard_reopen"] = reopens_before + storage.reopen_count(stream)
+                        errors["shard_reopen"] = reopens_before + reopen_count(stream)
                         yield raw
                 if upcoming is None and index + 1 < len(urls):
-                    upcoming = storage.open_read(urls[index + 1])
+                    upcoming = self.storage.open_read(urls[index + 1])
         finally:
             if upcoming is not None:
                 upcoming.close()

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sdtune import storage
 from sdtune.data.decode import WANTED_EXTS, BadSample, ImageLimits, decode_image, decode_label, resize_crop_flip
 from sdtune.data.latents import LatentSettings, decode_latents
 from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.tar_stream import iter_tar_samples
+from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,14 @@ def _sample_key(shard_url: str, key: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def read_table(spec: str, option: str, image_size: int | None = None) -> LabelledTable:
+def read_table(spec: str, option: str, storage: Storage, image_size: int | None = None) -> LabelledTable:
     """Read every labelled sample of a shard folder/pattern: latents if the shards hold latents, else images
     (resized and center-cropped to `image_size`, default the manifest's resolution). Bad samples are
     skipped and counted. Cached (benchmarks read the same data for every run): never modify the result."""
     urls = storage.expand_urls(spec)
     if not urls:
         raise ValueError(f"{option}: no .tar shards match {spec!r}; check the path or pattern")
-    manifest = read_manifest(dataset_url(spec))
+    manifest = read_manifest(dataset_url(spec, storage), storage)
     settings = LatentSettings.from_json(manifest.latents) if manifest and manifest.latents else None
     size = image_size or (manifest.resolution if manifest else None)
     if settings is None and size is None:

@@ -29,6 +29,8 @@ from sdtune.latent.augment import SMOTE, Compose, Extrapolate, GaussianNoise, In
 from sdtune.latent.classification_data import ClassificationDataModule
 from sdtune.latent.classifier import Classifier
 from sdtune.latent.sklearn_baselines import BASELINES, fit_and_score
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ def benchmark(
     max_train_per_class: int | None = 30,
     pixel_size: int = 32,
     val_fraction: float = 0.2,
+    s3: S3Settings | None = None,
 ) -> list[dict]:
     """Train every classifier with every augmentation for every seed; write the tables.
 
@@ -117,6 +120,7 @@ def benchmark(
             matter); null keeps the whole training split. The held-out split is always complete.
         pixel_size: Side of the images the pixel classifiers see.
         val_fraction: Held-out fraction per class.
+        s3: Settings for s3:// shards (endpoint, retries), as in a training config's `s3:` section.
     """
     unknown = [c for c in classifiers if c not in CLASSIFIERS] + [a for a in augmentations if a not in AUGMENTATIONS]
     if unknown:
@@ -126,6 +130,7 @@ def benchmark(
     if any(CLASSIFIERS[c].input == "pixels" for c in classifiers) and not images:
         raise ValueError("benchmark --images: pixel classifiers need the image shards the latents were made from")
     out.mkdir(parents=True, exist_ok=True)
+    storage = Storage(s3)
     rows = []
     for name in classifiers:
         entry = CLASSIFIERS[name]
@@ -142,6 +147,7 @@ def benchmark(
                     max_train_per_class=max_train_per_class,
                     seed=seed,
                 )
+                data.use_storage(storage)
                 start = time.perf_counter()
                 metrics = _run_cell(entry, data, seed, steps)
                 row = {

@@ -17,6 +17,7 @@ from sdtune.data.latents import decode
 from sdtune.data.tables import LabelledTable, heldout_split, read_table
 from sdtune.latent.augment import LatentAugmentation
 from sdtune.models.components import load_vae_of
+from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,11 @@ class ClassificationDataModule(L.LightningDataModule):
         self.vae: torch.nn.Module | None = None
         self._decoded: tuple[torch.Tensor, torch.Tensor] | None = None
         self._epoch, self._batches_done = 0, 0  # the training position, saved in checkpoints
+        self.storage = Storage()  # the run's own (the config's `s3:` section) comes through use_storage()
+
+    def use_storage(self, storage: Storage) -> None:
+        """Read shards through `storage` (built by the CLI from the config's settings)."""
+        self.storage = storage
 
     # ---- shape of the data, read by the classifier in configure_model -------------------------------------
     @property
@@ -123,7 +129,7 @@ class ClassificationDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if self.train is not None:
             return
-        table = read_table(self.shards, "data.shards")
+        table = read_table(self.shards, "data.shards", self.storage)
         if table.latent_settings is None and self.requested_size:
             table = dataclasses.replace(table, inputs=_resize(table.inputs, self.requested_size))
         train_index, val_index = heldout_split(table.keys, table.labels, self.val_fraction, self.split_seed)
@@ -150,7 +156,7 @@ class ClassificationDataModule(L.LightningDataModule):
                 "data.latents: augmenting a pixel classifier needs the latent shards of the same images "
                 "(data_tools encode_latents), to augment in latent space and decode"
             )
-        latents = read_table(self.latents_spec, "data.latents")
+        latents = read_table(self.latents_spec, "data.latents", self.storage)
         if latents.latent_settings is None:
             raise ValueError(f"data.latents: {self.latents_spec} holds images, not latents (see encode_latents)")
         assert self.train is not None

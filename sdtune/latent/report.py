@@ -29,6 +29,8 @@ from sdtune.latent.classifier_nets import PatchTransformer
 from sdtune.latent.html import Section, render_page
 from sdtune.latent.quality import lpips_or_none, psnr, ssim
 from sdtune.models.components import load_vae_of
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +210,12 @@ def benchmark_section(benchmark_json: Path) -> Section:
     )
 
 
-def _heldout_keys(classifier_dir: Path, latents: str) -> set[str] | None:
+def _heldout_keys(classifier_dir: Path, latents: str, storage: Storage) -> set[str] | None:
     """The keys of the classifier's held-out split (recomputed from the full dataset), if it recorded one."""
     split = json.loads((classifier_dir / "classifier.json").read_text()).get("split")
     if not split:
         return None
-    full = read_table(latents, "--latents")
+    full = read_table(latents, "--latents", storage)
     _, val = heldout_split(full.keys, full.labels, split["val_fraction"], split["split_seed"])
     return {full.keys[i] for i in val}
 
@@ -238,6 +240,7 @@ def report(
     max_samples: int = 400,
     num_strip: int = 8,
     seed: int = 0,
+    s3: S3Settings | None = None,
 ) -> Path:
     """Write `<out>/report.html` (self-contained) and `<out>/report.json`.
 
@@ -250,12 +253,14 @@ def report(
         max_samples: Images analysed (spread evenly over the dataset).
         num_strip: Columns of the image strip and the attention view.
         seed: Seed of embeddings and augmentation draws.
+        s3: Settings for s3:// shards (endpoint, retries), as in a training config's `s3:` section.
     """
-    latent_table = _pick(read_table(latents, "--latents"), max_samples)
+    storage = Storage(s3)
+    latent_table = _pick(read_table(latents, "--latents", storage), max_samples)
     settings = latent_table.latent_settings
     if settings is None:
         raise ValueError(f"--latents: {latents} holds images, not latents (data_tools encode_latents makes them)")
-    image_table = read_table(images, "--images", image_size=settings.resolution)
+    image_table = read_table(images, "--images", storage, image_size=settings.resolution)
     position = {key: i for i, key in enumerate(image_table.keys)}
     missing = [k for k in latent_table.keys if k not in position]
     if missing:
@@ -284,7 +289,9 @@ def report(
         )
     )
     if classifier is not None:
-        attention = attention_section(classifier, latent_table, pictures, num_strip, _heldout_keys(classifier, latents))
+        attention = attention_section(
+            classifier, latent_table, pictures, num_strip, _heldout_keys(classifier, latents, storage)
+        )
         if attention is not None:
             sections.append(attention)
     if benchmark is not None:

@@ -15,6 +15,8 @@ import torch
 
 from sdtune.data.tables import heldout_split, read_table
 from sdtune.eval.classification import classification_metrics
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 
 BASELINES = ("logreg", "random_forest", "svm")
 
@@ -57,6 +59,7 @@ def main(
     val_fraction: float = 0.2,
     split_seed: int = 0,
     seed: int = 0,
+    s3: S3Settings | None = None,
 ) -> dict[str, dict]:
     """Fit each baseline on the training split of `shards` and write `<out>/sklearn_metrics.json`.
 
@@ -67,8 +70,9 @@ def main(
         val_fraction: Held-out fraction per class (same split as the Lightning classifiers).
         split_seed: Seed of the held-out split.
         seed: Seed of the models.
+        s3: Settings for s3:// shards (endpoint, retries), as in a training config's `s3:` section.
     """
-    table = read_table(shards, "--shards")
+    table = read_table(shards, "--shards", Storage(s3))
     train_index, val_index = heldout_split(table.keys, table.labels, val_fraction, split_seed)
     train, heldout = table.subset(train_index), table.subset(val_index)
     results = {}

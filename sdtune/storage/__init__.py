@@ -10,7 +10,6 @@ the environment or the usual credential files only (boto3's and huggingface_hub'
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -19,6 +18,7 @@ from urllib.parse import urlparse
 from braceexpand import braceexpand
 
 from sdtune.storage.local import LocalBackend
+from sdtune.storage.settings import S3Settings
 
 
 class StorageBackend(Protocol):
@@ -41,16 +41,6 @@ class StorageBackend(Protocol):
     def delete(self, urls: list[str]) -> None: ...
 
 
-_BACKENDS: dict[str, StorageBackend] = {"": LocalBackend(), "file": LocalBackend()}
-# Backends whose client libraries are imported only when a URL of theirs is used.
-_LAZY = {"s3": "sdtune.storage.s3:S3Backend", "hf": "sdtune.storage.hub:HubBackend"}
-
-
-def register_backend(scheme: str, backend: StorageBackend) -> None:
-    """Plug in a backend for a URL scheme."""
-    _BACKENDS[scheme] = backend
-
-
 def scheme_of(url: str) -> str:
     if url.startswith("pipe:"):
         raise ValueError(f"{url!r}: pipe: URLs run a shell command and are not accepted; give a path or URL")
@@ -63,65 +53,92 @@ def is_remote(url: str) -> bool:
     return scheme_of(url) not in ("", "file")
 
 
-def backend_for(url: str) -> StorageBackend:
-    scheme = scheme_of(url)
-    if scheme not in _BACKENDS and scheme in _LAZY:
-        module, name = _LAZY[scheme].split(":")
-        register_backend(scheme, getattr(importlib.import_module(module), name)())
-    if scheme not in _BACKENDS:
-        known = ", ".join(f"{s}://" for s in sorted({*_BACKENDS, *_LAZY}) if s)
-        raise ValueError(f"{url!r}: no storage backend for {scheme}:// (known: local paths, {known})")
-    return _BACKENDS[scheme]
-
-
-def open_read(url: str) -> BinaryIO:
-    return backend_for(url).open_read(url)
-
-
-def read_bytes(url: str) -> bytes:
-    with open_read(url) as f:
-        return f.read()
-
-
 def reopen_count(stream: BinaryIO) -> int:
-    """Times a stream from `open_read` re-opened its source after a dropped connection (0 for local files)."""
+    """Times a stream from `Storage.open_read` re-opened its source after a dropped connection (0 for local files)."""
     return getattr(getattr(stream, "raw", stream), "reopens", 0)
 
 
-def exists(url: str) -> bool:
-    return backend_for(url).exists(url)
+class Storage:
+    """The storage backends of one run, built from its settings and passed to whatever reads or writes URLs.
 
+    Backends whose client libraries are heavy (boto3, huggingface_hub) are built on first use of their
+    scheme. A Storage pickles as its settings (DataLoader workers started by spawn rebuild their clients).
+    """
 
-def walk(url: str) -> dict[str, int]:
-    return backend_for(url).walk(url)
+    def __init__(self, s3: S3Settings | None = None) -> None:
+        self.s3 = s3 or S3Settings()
+        self._backends: dict[str, StorageBackend] = {}
 
+    def __getstate__(self) -> dict:
+        return {"s3": self.s3}
 
-def upload(local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
-    backend_for(url).upload(local, url, metadata)
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["s3"])  # type: ignore[misc]
 
+    def __repr__(self) -> str:
+        return f"Storage(s3={self.s3})"
 
-def download(url: str, local: Path) -> None:
-    backend_for(url).download(url, local)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Storage) and other.s3 == self.s3
 
+    def __hash__(self) -> int:
+        return hash(self.s3)
 
-def delete(urls: list[str]) -> None:
-    """Delete files; all URLs must share one scheme."""
-    if urls:
-        backend_for(urls[0]).delete(urls)
+    def backend_for(self, url: str) -> StorageBackend:
+        scheme = scheme_of(url)
+        if scheme not in self._backends:
+            self._backends[scheme] = self._build(url, scheme)
+        return self._backends[scheme]
+
+    def _build(self, url: str, scheme: str) -> StorageBackend:
+        if scheme in ("", "file"):
+            return LocalBackend()
+        if scheme == "s3":
+            from sdtune.storage.s3 import S3Backend
+
+            return S3Backend(self.s3)
+        if scheme == "hf":
+            from sdtune.storage.hub import HubBackend
+
+            return HubBackend()
+        raise ValueError(f"{url!r}: no storage backend for {scheme}:// (known: local paths, file://, s3://, hf://)")
+
+    def open_read(self, url: str) -> BinaryIO:
+        return self.backend_for(url).open_read(url)
+
+    def read_bytes(self, url: str) -> bytes:
+        with self.open_read(url) as f:
+            return f.read()
+
+    def exists(self, url: str) -> bool:
+        return self.backend_for(url).exists(url)
+
+    def walk(self, url: str) -> dict[str, int]:
+        return self.backend_for(url).walk(url)
+
+    def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
+        self.backend_for(url).upload(local, url, metadata)
+
+    def download(self, url: str, local: Path) -> None:
+        self.backend_for(url).download(url, local)
+
+    def delete(self, urls: list[str]) -> None:
+        """Delete files; all URLs must share one scheme."""
+        if urls:
+            self.backend_for(urls[0]).delete(urls)
+
+    def expand_urls(self, spec: str, suffix: str = ".tar") -> list[str]:
+        """Shard URLs from a brace pattern (`ds/shard-{000000..000009}.tar`), a folder/prefix, or a glob."""
+        urls: list[str] = []
+        for part in braceexpand(spec):
+            if part.endswith(suffix) and not any(ch in part for ch in "*?["):
+                urls.append(part)
+            else:
+                urls.extend(self.backend_for(part).list(part, suffix))
+        return urls
 
 
 def join(base: str, *names: str) -> str:
     if not scheme_of(base):
         return os.path.join(base, *names)
     return "/".join([base.rstrip("/"), *(n.strip("/") for n in names)])
-
-
-def expand_urls(spec: str, suffix: str = ".tar") -> list[str]:
-    """Shard URLs from a brace pattern (`ds/shard-{000000..000009}.tar`), a folder/prefix, or a glob."""
-    urls: list[str] = []
-    for part in braceexpand(spec):
-        if part.endswith(suffix) and not any(ch in part for ch in "*?["):
-            urls.append(part)
-        else:
-            urls.extend(backend_for(part).list(part, suffix))
-    return urls

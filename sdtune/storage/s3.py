@@ -27,7 +27,6 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,93 +36,11 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
+from sdtune.storage.settings import S3Settings
+
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
-# Counters for this process: botocore retries (`retries`) and mid-body re-opens (`reopens`).
-STATS: Counter[str] = Counter()
-
-
-@dataclass(frozen=True)
-class S3Settings:
-    """Connection settings for s3:// URLs (no credentials here: boto3 reads them from the environment).
-
-    Args:
-        endpoint_url: e.g. `https://<account_id>.r2.cloudflarestorage.com` (default: AWS_ENDPOINT_URL or AWS).
-        region: Signing region (default: AWS_REGION / AWS_DEFAULT_REGION, else `auto`, which R2 expects).
-        max_attempts: Attempts per request, first included (botocore `standard` retry mode).
-        connect_timeout_s: Seconds to wait for a connection.
-        read_timeout_s: Seconds to wait for data on an open connection.
-        reopen_attempts: Re-opens in a row of an object whose body stopped early, before giving up.
-        read_ahead_mib: Bytes buffered ahead of the reader per open object.
-        multipart_threshold_mib: Uploads at least this large go as multipart uploads.
-        multipart_chunk_mib: Part size of multipart uploads.
-        max_concurrency: Parallel connections per upload or download.
-    """
-
-    endpoint_url: str | None = None
-    region: str | None = None
-    max_attempts: int = 6
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0
-    reopen_attempts: int = 5
-    read_ahead_mib: int = 16
-    multipart_threshold_mib: int = 64
-    multipart_chunk_mib: int = 16
-    max_concurrency: int = 8
-
-
-_settings = S3Settings()
-_clients: dict[tuple[int, S3Settings], Any] = {}
-_lock = threading.Lock()
-# One boto3 session for the process tree: forked DataLoader workers inherit its loaded service models,
-# which makes their (per-process) clients ~4x cheaper to create.
-_session: boto3.session.Session | None = None
-
-
-def configure(settings: S3Settings | None = None, **overrides: Any) -> S3Settings:
-    """Set this process's settings (inherited by forked DataLoader workers); credentials are looked up anew."""
-    global _settings, _session
-    _settings = replace(settings or _settings, **overrides)
-    _session = None
-    return _settings
-
-
-def settings() -> S3Settings:
-    return _settings
-
-
-def _count_retries(parsed: dict | None = None, **_: Any) -> None:
-    attempts = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
-    if attempts:
-        STATS["retries"] += attempts
-
-
-def client() -> Any:
-    """A boto3 S3 client for this process and the current settings (clients are thread-safe, not fork-safe)."""
-    key = (os.getpid(), _settings)
-    with _lock:
-        if key not in _clients:
-            s = _settings
-            region = s.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "auto"
-            config = Config(
-                region_name=region,
-                signature_version="s3v4",
-                retries={"mode": "standard", "max_attempts": s.max_attempts},
-                connect_timeout=s.connect_timeout_s,
-                read_timeout=s.read_timeout_s,
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-                s3={"addressing_style": "path"},
-                max_pool_connections=max(10, 2 * s.max_concurrency),
-            )
-            global _session
-            if _session is None:
-                _session = boto3.session.Session()
-            c = _session.client("s3", endpoint_url=s.endpoint_url or None, config=config)
-            c.meta.events.register("after-call.s3", _count_retries)
-            _clients[key] = c
-        return _clients[key]
 
 
 def split_url(url: str) -> tuple[str, str]:
@@ -135,8 +52,7 @@ def split_url(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-def _transfer_config() -> TransferConfig:
-    s = _settings
+def _transfer_config(s: S3Settings) -> TransferConfig:
     return TransferConfig(
         multipart_threshold=s.multipart_threshold_mib * MiB,
         multipart_chunksize=s.multipart_chunk_mib * MiB,
@@ -185,15 +101,16 @@ class S3Reader(io.RawIOBase):
 
     CHUNK = MiB
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, backend: S3Backend) -> None:
         super().__init__()
         self.url = url
+        self._backend = backend
         self.bucket, self.key = split_url(url)
         self.reopens = 0
         self.size = -1
         self.etag = ""
-        self._client = client()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, _settings.read_ahead_mib * MiB // self.CHUNK))
+        self._client = backend.client()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(2, backend.settings.read_ahead_mib * MiB // self.CHUNK))
         self._stop = threading.Event()
         self._buffer = memoryview(b"")
         self._eof = False
@@ -238,11 +155,11 @@ class S3Reader(io.RawIOBase):
                     self._put(OSError(f"{self.url}: re-open at byte {position} failed: {_explain(err, self.url)}"))
                     return
                 failures += 1
-                if failures > _settings.reopen_attempts:
+                if failures > self._backend.settings.reopen_attempts:
                     self._put(OSError(f"{self.url}: read failed {failures} times in a row at byte {position}: {err}"))
                     return
                 self.reopens += 1
-                STATS["reopens"] += 1
+                self._backend.stats["reopens"] += 1
                 log.debug("%s: re-opening at byte %d after %s", self.url, position, err)
                 time.sleep(min(0.05 * 2**failures, 2.0))
                 response = None
@@ -282,8 +199,59 @@ class S3Reader(io.RawIOBase):
 
 
 class S3Backend:
+    """s3:// for one set of `S3Settings`: boto3 clients per process (thread-safe, not fork-safe) and counters.
+
+    `stats` counts, in this process, botocore retries (`retries`) and mid-body re-opens (`reopens`).
+    Pickles as its settings: a spawned DataLoader worker builds its own clients.
+    """
+
+    def __init__(self, settings: S3Settings | None = None) -> None:
+        self.settings = settings or S3Settings()
+        self.stats: Counter[str] = Counter()
+        self._clients: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        # One boto3 session for the process tree: forked DataLoader workers inherit its loaded service
+        # models, which makes their (per-process) clients ~4x cheaper to create.
+        self._session: boto3.session.Session | None = None
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["settings"])  # type: ignore[misc]
+
+    def _count_retries(self, parsed: dict | None = None, **_: Any) -> None:
+        attempts = (parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0)
+        if attempts:
+            self.stats["retries"] += attempts
+
+    def client(self) -> Any:
+        """The boto3 S3 client of this process (credentials are looked up when it is first built)."""
+        with self._lock:
+            pid = os.getpid()
+            if pid not in self._clients:
+                s = self.settings
+                region = s.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "auto"
+                config = Config(
+                    region_name=region,
+                    signature_version="s3v4",
+                    retries={"mode": "standard", "max_attempts": s.max_attempts},
+                    connect_timeout=s.connect_timeout_s,
+                    read_timeout=s.read_timeout_s,
+                    request_checksum_calculation="when_required",
+                    response_checksum_validation="when_required",
+                    s3={"addressing_style": "path"},
+                    max_pool_connections=max(10, 2 * s.max_concurrency),
+                )
+                if self._session is None:
+                    self._session = boto3.session.Session()
+                c = self._session.client("s3", endpoint_url=s.endpoint_url or None, config=config)
+                c.meta.events.register("after-call.s3", self._count_retries)
+                self._clients[pid] = c
+            return self._clients[pid]
+
     def open_read(self, url: str) -> BinaryIO:
-        return io.BufferedReader(S3Reader(url), buffer_size=S3Reader.CHUNK)
+        return io.BufferedReader(S3Reader(url, self), buffer_size=S3Reader.CHUNK)
 
     def _objects(self, url: str, delimiter: str | None) -> list[dict]:
         bucket, key = split_url(url)
@@ -292,7 +260,7 @@ class S3Backend:
         kwargs = {"Bucket": bucket, "Prefix": prefix} | ({"Delimiter": delimiter} if delimiter and not pattern else {})
         objects: list[dict] = []
         try:
-            for page in client().get_paginator("list_objects_v2").paginate(**kwargs):
+            for page in self.client().get_paginator("list_objects_v2").paginate(**kwargs):
                 objects.extend(page.get("Contents", []))
         except (ClientError, NoCredentialsError) as err:
             raise _explain(err, url) from err
@@ -313,7 +281,7 @@ class S3Backend:
         """Size, ETag and user metadata of an object, or None if there is none."""
         bucket, key = split_url(url)
         try:
-            meta = client().head_object(Bucket=bucket, Key=key)
+            meta = self.client().head_object(Bucket=bucket, Key=key)
         except ClientError as err:
             if _status(err) == 404:
                 return None
@@ -326,7 +294,7 @@ class S3Backend:
             return True
         prefix = key.rstrip("/") + "/" if key else ""
         try:
-            page = client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            page = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
         except (ClientError, NoCredentialsError) as err:
             raise _explain(err, url) from err
         return bool(page.get("KeyCount"))
@@ -335,7 +303,7 @@ class S3Backend:
         bucket, key = split_url(url)
         extra = {"Metadata": metadata} if metadata else None
         try:
-            client().upload_file(str(local), bucket, key, ExtraArgs=extra, Config=_transfer_config())
+            self.client().upload_file(str(local), bucket, key, ExtraArgs=extra, Config=_transfer_config(self.settings))
         except (ClientError, NoCredentialsError) as err:
             raise _explain(err, url) from err
 
@@ -344,7 +312,7 @@ class S3Backend:
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(f".{local.name}.part")
         try:
-            client().download_file(bucket, key, str(tmp), Config=_transfer_config())
+            self.client().download_file(bucket, key, str(tmp), Config=_transfer_config(self.settings))
         except (ClientError, NoCredentialsError) as err:
             raise _explain(err, url) from err
         os.replace(tmp, local)
@@ -355,19 +323,19 @@ class S3Backend:
         def delete_one(url: str) -> None:
             bucket, key = split_url(url)
             try:
-                client().delete_object(Bucket=bucket, Key=key)
+                self.client().delete_object(Bucket=bucket, Key=key)
             except ClientError as err:
                 raise _explain(err, url) from err
 
-        with ThreadPoolExecutor(max_workers=_settings.max_concurrency) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency) as pool:
             list(pool.map(delete_one, urls))
 
     def abort_multipart_uploads(self, url: str) -> int:
         """Abort unfinished multipart uploads under a prefix (left by a killed process); returns how many."""
         bucket, key = split_url(url)
         aborted = 0
-        for page in client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
+        for page in self.client().get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=key):
             for upload in page.get("Uploads", []):
-                client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                self.client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
                 aborted += 1
         return aborted

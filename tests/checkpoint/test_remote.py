@@ -18,6 +18,7 @@ from data_tools.remote import upload
 from sdtune.checkpoint.layout import list_checkpoints, verify_checkpoint
 from sdtune.checkpoint.publish import PUBLISH_LOG
 from sdtune.checkpoint.remote import StorageRemote
+from sdtune.storage import Storage
 from tests.helpers.assertions import read_losses
 from tests.helpers.hub_server import HubServer
 from tests.helpers.runs import QUICKSTART, kill_when, run_train, train_config
@@ -53,13 +54,13 @@ def local_reference(tmp_path_factory: pytest.TempPathFactory, synth_shards: Path
 
 
 def test_kill_during_upload_then_resume_on_an_empty_disk(
-    tmp_path: Path, synth_shards: Path, s3_endpoint: str, s3_bucket: str, local_reference: Path
+    tmp_path: Path, synth_shards: Path, s3_server: str, s3_storage: Storage, s3_bucket: str, local_reference: Path
 ) -> None:
-    upload(synth_shards, f"s3://{s3_bucket}/datasets/synth")  # direct, not through the faults
+    upload(synth_shards, f"s3://{s3_bucket}/datasets/synth", s3=s3_storage.s3)  # direct, not through the faults
     remote_url = f"s3://{s3_bucket}/runs/r1/checkpoints"
     faults = Faults(error_every=7, cut_first_get="drop", r2_mode=True, put_delay_s=0.05)
     callbacks = [EMA, DATA_STATS, checkpoints(remote=remote_url)]
-    with FaultProxy(int(s3_endpoint.rsplit(":", 1)[1]), faults) as proxy:
+    with FaultProxy(int(s3_server.rsplit(":", 1)[1]), faults) as proxy:
         # Multipart from 1 MiB, so the 17 MB UNet file is a multipart upload when the kill lands.
         s3_settings = {"endpoint_url": proxy.url, "multipart_threshold_mib": 1, "multipart_chunk_mib": 5}
 
@@ -76,8 +77,8 @@ def test_kill_during_upload_then_resume_on_an_empty_disk(
 
         kill_when(config_for(first), uploading_a_part)
         # The first remote checkpoint is complete; the second one is partial and does not count.
-        remote = StorageRemote(remote_url, keep_last=2)
-        direct = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+        remote = StorageRemote(remote_url, keep_last=2, storage=s3_storage)
+        direct = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
         assert remote.complete_tags() == ["epoch=0000-step=000016"]
         assert direct.list_multipart_uploads(Bucket=s3_bucket).get("Uploads"), "the kill left a multipart upload"
 

@@ -15,6 +15,7 @@ from PIL import Image
 
 from sdtune.data.decode import ImageLimits
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
+from sdtune.storage import Storage
 
 
 class _Boom:
@@ -104,6 +105,7 @@ def make_stream(folder: Path, seed: int = 0, batch_size: int = 1, counts: list[i
         rank=0,
         world_size=1,
         transform=transform,
+        storage=Storage(),
         seed=seed,
         shuffle_buffer=8,
     )
@@ -175,7 +177,7 @@ def test_too_few_shards_for_readers_is_a_clear_error(corpus) -> None:
     urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
     transform = SampleTransform(resolution=32, limits=ImageLimits(16, 100_000))
     with pytest.raises(ValueError, match="data.shards: 3 shard"):
-        ShardStream(urls, [18, 18, 3], batch_size=1, num_workers=2, rank=0, world_size=2, transform=transform)
+        ShardStream(urls, [18, 18, 3], 1, num_workers=2, rank=0, world_size=2, transform=transform, storage=Storage())
 
 
 def test_our_shards_read_with_plain_webdataset(synth_shards: Path) -> None:

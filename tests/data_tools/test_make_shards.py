@@ -14,6 +14,7 @@ from data_tools.make_shards import make_shards
 from data_tools.synth import synth
 from sdtune.data.manifest import read_manifest
 from sdtune.fileio import sha256_file
+from sdtune.storage import Storage
 
 
 def test_folder_with_sidecars_and_bad_inputs(tmp_path: Path) -> None:
@@ -34,7 +35,7 @@ def test_folder_with_sidecars_and_bad_inputs(tmp_path: Path) -> None:
         "bad_mode": 1,
         "too_small": 1,
     }
-    assert read_manifest(str(tmp_path / "shards")).num_samples == 7
+    assert read_manifest(str(tmp_path / "shards"), Storage()).num_samples == 7
     for entry in manifest.shards:
         assert sha256_file(tmp_path / "shards" / entry.name) == entry.sha256
     samples = list(wds.WebDataset(str(tmp_path / "shards" / "shard-{000000..000002}.tar"), shardshuffle=False))

@@ -18,6 +18,7 @@ from sdtune.latent.augment import Interpolate
 from sdtune.latent.benchmark import benchmark
 from sdtune.latent.classification_data import ClassificationDataModule
 from sdtune.latent.classifier import load_classifier
+from sdtune.storage import Storage
 from tests.helpers.runs import REPO, kill_when, run_train
 
 CONFIGS = sorted((REPO / "configs" / "latent").glob("*.yaml"))
@@ -37,7 +38,7 @@ def test_metrics_match_sklearn() -> None:
 
 def test_heldout_split_is_stratified_fixed_and_shared_by_latents_and_pixels(digit_data: tuple[Path, Path]) -> None:
     shards, latents = digit_data
-    images, codes = read_table(str(shards), "t"), read_table(str(latents), "t")
+    images, codes = read_table(str(shards), "t", Storage()), read_table(str(latents), "t", Storage())
     assert images.keys == codes.keys and torch.equal(images.labels, codes.labels)
     train, val = heldout_split(images.keys, images.labels, 0.2)
     assert heldout_split(images.keys[::-1], images.labels.flip(0), 0.2)[1] != val  # indices move with order...
@@ -77,7 +78,7 @@ def test_every_classifier_config_trains_and_reports_heldout_metrics(
     assert metrics["accuracy"] == pytest.approx(np.trace(confusion) / 30)
     # The exported network reloads (safetensors) and reproduces the reported accuracy.
     net, info = load_classifier(tmp_path / "classifier")
-    table = read_table(data, "t")
+    table = read_table(data, "t", Storage())
     inputs = table.inputs if info["input"] == "latents" else _resize(table.inputs, info["image_size"])
     _, val = heldout_split(table.keys, table.labels, 0.2)
     with torch.no_grad():
@@ -142,7 +143,7 @@ def test_unlabelled_and_badly_labelled_samples_are_skipped_and_counted(tmp_path:
         writer.write({"__key__": "c", "png": png, "cls": "one"})
         writer.write({"__key__": "d", "png": png, "txt": "no label"})
         writer.write({"__key__": "e", "png": png, "json": {"label": "zero"}})
-    table = read_table(str(tmp_path), "data.shards", image_size=16)
+    table = read_table(str(tmp_path), "data.shards", Storage(), image_size=16)
     assert table.labels.tolist() == [1, 0] and table.classes == ["0", "1"]
     assert table.skipped == {"bad_label": 2, "missing_label": 1}
 

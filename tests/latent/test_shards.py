@@ -24,6 +24,8 @@ from sdtune.data.latents import LatentSettings, decode_latents, encode
 from sdtune.data.tables import read_table
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.models.components import load_vae
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 from tests.helpers.assertions import read_losses
 from tests.helpers.runs import REPO, run_train, train_config
 
@@ -97,7 +99,7 @@ def test_latents_are_the_scaled_posterior_mean_of_the_center_crop(labelled_shard
     expected_flip = encode(vae, torch.flip(pixels, dims=[3]), settings)[0]
     assert flipped is not None and torch.allclose(flipped, expected_flip, atol=2e-3 * expected.abs().max())
     assert latents[key]["cls"] == images[key]["cls"] and latents[key]["txt"] == images[key]["txt"]
-    table = read_table(str(tmp_path / "lat"), "test")
+    table = read_table(str(tmp_path / "lat"), "test", Storage())
     assert table.inputs.shape == (96, 4, 32, 32) and table.classes == ["circle", "square", "triangle"]
 
 
@@ -143,16 +145,18 @@ def test_sd_finetune_trains_from_latent_shards(synth_shards: Path, tmp_path: Pat
     assert "Traceback" not in result.stderr
 
 
-def test_encoding_streams_from_and_to_s3(labelled_shards: Path, s3_endpoint: str, s3_bucket: str) -> None:
+def test_encoding_streams_from_and_to_s3(labelled_shards: Path, s3_settings: S3Settings, s3_bucket: str) -> None:
     from data_tools.remote import upload
 
-    upload(labelled_shards, f"s3://{s3_bucket}/images")
+    upload(labelled_shards, f"s3://{s3_bucket}/images", s3=s3_settings)
     out = f"s3://{s3_bucket}/latents"
-    manifest = encode_latents(f"s3://{s3_bucket}/images", out, batch_size=16)
+    manifest = encode_latents(f"s3://{s3_bucket}/images", out, batch_size=16, s3=s3_settings)
     assert manifest.num_samples == 96 and manifest.classes == ["circle", "square", "triangle"]
-    table = read_table(out, "test")  # read straight from S3, like a classifier would
+    table = read_table(out, "test", Storage(s3_settings))  # read straight from S3, like a classifier would
     assert table.inputs.shape == (96, 4, 32, 32) and table.latent_settings is not None
-    again = encode_latents(f"s3://{s3_bucket}/images", out, batch_size=16)  # all done: nothing re-encoded
+    again = encode_latents(
+        f"s3://{s3_bucket}/images", out, batch_size=16, s3=s3_settings
+    )  # all done: nothing re-encoded
     assert [s.sha256 for s in again.shards] == [s.sha256 for s in manifest.shards]
     with pytest.raises(ValueError, match="other settings"):
-        encode_latents(f"s3://{s3_bucket}/images", out, dtype="float32")
+        encode_latents(f"s3://{s3_bucket}/images", out, dtype="float32", s3=s3_settings)
