@@ -34,7 +34,7 @@ import boto3
 import urllib3.exceptions
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionError, NoCredentialsError
 
 from sdtune.storage.settings import S3Settings
 
@@ -71,6 +71,10 @@ def _explain(err: Exception, url: str) -> Exception:
             f"{url}: no S3 credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in the environment "
             "(for R2: an R2 API token's access key id and secret) and s3.endpoint_url or AWS_ENDPOINT_URL"
         )
+    if isinstance(err, EndpointConnectionError):
+        return ConnectionError(
+            f"{url}: cannot reach the S3 endpoint ({err}); check s3.endpoint_url (or AWS_ENDPOINT_URL) and the network"
+        )
     if isinstance(err, ClientError):
         code = err.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchKey", "404", "NotFound"):
@@ -82,6 +86,8 @@ def _explain(err: Exception, url: str) -> Exception:
     return err
 
 
+# Errors that `_explain` turns into a message naming the URL and what to do.
+_USER_ERRORS = (ClientError, NoCredentialsError, EndpointConnectionError)
 # Errors after which a read is re-opened at the byte where it stopped.
 _TRANSIENT = (BotoCoreError, urllib3.exceptions.HTTPError, OSError)
 _EOF = object()
@@ -120,7 +126,7 @@ class S3Reader(io.RawIOBase):
     def _start(self) -> None:
         try:
             first = self._client.get_object(Bucket=self.bucket, Key=self.key)
-        except (ClientError, NoCredentialsError) as err:
+        except _USER_ERRORS as err:
             self._put(_explain(err, self.url))
             return
         except _TRANSIENT as err:  # already retried by botocore
@@ -262,7 +268,7 @@ class S3Backend:
         try:
             for page in self.client().get_paginator("list_objects_v2").paginate(**kwargs):
                 objects.extend(page.get("Contents", []))
-        except (ClientError, NoCredentialsError) as err:
+        except _USER_ERRORS as err:
             raise _explain(err, url) from err
         if pattern:
             objects = [o for o in objects if fnmatch.fnmatchcase(o["Key"], pattern)]
@@ -282,8 +288,8 @@ class S3Backend:
         bucket, key = split_url(url)
         try:
             meta = self.client().head_object(Bucket=bucket, Key=key)
-        except ClientError as err:
-            if _status(err) == 404:
+        except _USER_ERRORS as err:
+            if isinstance(err, ClientError) and _status(err) == 404:
                 return None
             raise _explain(err, url) from err
         return {"bytes": meta["ContentLength"], "etag": meta["ETag"], "metadata": meta.get("Metadata", {})}
@@ -295,7 +301,7 @@ class S3Backend:
         prefix = key.rstrip("/") + "/" if key else ""
         try:
             page = self.client().list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        except (ClientError, NoCredentialsError) as err:
+        except _USER_ERRORS as err:
             raise _explain(err, url) from err
         return bool(page.get("KeyCount"))
 
@@ -304,7 +310,7 @@ class S3Backend:
         extra = {"Metadata": metadata} if metadata else None
         try:
             self.client().upload_file(str(local), bucket, key, ExtraArgs=extra, Config=_transfer_config(self.settings))
-        except (ClientError, NoCredentialsError) as err:
+        except _USER_ERRORS as err:
             raise _explain(err, url) from err
 
     def download(self, url: str, local: Path) -> None:
@@ -313,7 +319,7 @@ class S3Backend:
         tmp = local.with_name(f".{local.name}.part")
         try:
             self.client().download_file(bucket, key, str(tmp), Config=_transfer_config(self.settings))
-        except (ClientError, NoCredentialsError) as err:
+        except _USER_ERRORS as err:
             raise _explain(err, url) from err
         os.replace(tmp, local)
 
