@@ -13,7 +13,7 @@ from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slu
 from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
 from sdtune.contracts import UsesStorage
-from sdtune.distributed import DistributedSettings, build_strategy, cluster_plugins, num_processes
+from sdtune.distributed import DistributedSettings, ProcessLayout, build_strategy, cluster_plugins
 from sdtune.logs import setup_logging
 from sdtune.storage import Storage
 from sdtune.storage.settings import S3Settings
@@ -37,23 +37,15 @@ class SDTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling;
         every run gets a `StepLog`."""
-        trainer_config = self._config()["trainer"]
-        callbacks = list(trainer_config.get("callbacks") or [])
-        accelerator = str(trainer_config.get("accelerator", "auto"))
-        world_size = num_processes(
-            accelerator,
-            trainer_config.get("devices", "auto"),
-            int(trainer_config.get("num_nodes", 1)),
-        )
+        trainer_config = self._config().trainer
+        callbacks = list(trainer_config.callbacks or [])
         kwargs["strategy"] = build_strategy(
-            trainer_config.get("strategy", "auto"),
-            world_size,
+            ProcessLayout.of(trainer_config),
             self._settings("distributed", DistributedSettings),
-            accelerator=accelerator,
             optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
             uses_ema=any(isinstance(c, EMA) for c in callbacks),
         )
-        plugins = trainer_config.get("plugins") or []
+        plugins = trainer_config.plugins or []
         kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + cluster_plugins()
         added: list[L.Callback] = []
         if any(isinstance(c, PeriodicCheckpoint) for c in callbacks) and not any(

@@ -44,35 +44,54 @@ def wrapped_block_types() -> set[type[torch.nn.Module]]:
     return {BasicTransformerBlock, ResnetBlock2D}
 
 
-def num_processes(accelerator: str, devices: Any, num_nodes: int) -> int:
-    """The world size these trainer settings give (under SLURM: the job's task count)."""
-    if SLURMEnvironment.detect() and "SLURM_NTASKS" in os.environ:
-        return int(os.environ["SLURM_NTASKS"])
-    if isinstance(devices, list | tuple):
-        per_node = len(devices)
-    elif str(devices) in ("auto", "-1"):
-        use_cuda = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-        per_node = torch.cuda.device_count() if use_cuda else 1
-    else:
-        per_node = int(str(devices).rstrip(","))
-    return per_node * num_nodes
+@dataclass(frozen=True)
+class ProcessLayout:
+    """The trainer arguments that decide the strategy (`trainer.strategy`, `accelerator`, `devices`, `num_nodes`)."""
+
+    strategy: str = "auto"
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = 1
+
+    @classmethod
+    def of(cls, trainer: Any) -> ProcessLayout:
+        """From the `trainer:` section LightningCLI parsed (every Trainer argument is there, defaults filled in)."""
+        devices = trainer.devices
+        return cls(
+            strategy=trainer.strategy if isinstance(trainer.strategy, str) else type(trainer.strategy).__name__,
+            accelerator=str(trainer.accelerator),
+            devices=list(devices) if isinstance(devices, list | tuple) else devices,
+            num_nodes=int(trainer.num_nodes),
+        )
+
+    @property
+    def world_size(self) -> int:
+        """The number of processes these settings give (under SLURM: the job's task count)."""
+        if SLURMEnvironment.detect() and "SLURM_NTASKS" in os.environ:
+            return int(os.environ["SLURM_NTASKS"])
+        if isinstance(self.devices, list):
+            per_node = len(self.devices)
+        elif str(self.devices) in ("auto", "-1"):
+            per_node = torch.cuda.device_count() if self.uses_cuda else 1
+        else:
+            per_node = int(str(self.devices).rstrip(","))
+        return per_node * self.num_nodes
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
 def build_strategy(
-    choice: Any,
-    world_size: int,
-    settings: DistributedSettings,
-    *,
-    accelerator: str = "auto",
-    optimizer: str = "adamw",
-    uses_ema: bool = False,
+    layout: ProcessLayout, settings: DistributedSettings, *, optimizer: str = "adamw", uses_ema: bool = False
 ) -> Strategy | str:
     """The Lightning strategy for `trainer.strategy` = auto | ddp | fsdp; refuses combinations that do not work."""
+    choice, world_size = layout.strategy, layout.world_size
     if choice not in STRATEGIES:
         raise ValueError(f"trainer.strategy: {choice!r} is not supported; choose one of {', '.join(STRATEGIES)}")
     timeout = timedelta(seconds=settings.timeout_s)
     if choice == "fsdp":
-        if accelerator == "cpu" or accelerator == "auto" and not torch.cuda.is_available():
+        if layout.accelerator == "cpu" or layout.accelerator == "auto" and not torch.cuda.is_available():
             raise ValueError("trainer.strategy: fsdp needs CUDA GPUs (Lightning refuses FSDP on CPU); use ddp on CPU")
         if optimizer == "adamw8bit":
             raise ValueError(

@@ -6,21 +6,21 @@ import pytest
 import torch
 from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
-from sdtune.distributed import DistributedSettings, build_strategy, flags_of_all_ranks, gather_objects, num_processes
+from sdtune.distributed import DistributedSettings, ProcessLayout, build_strategy, flags_of_all_ranks, gather_objects
 
 SETTINGS = DistributedSettings()
 
 
 def test_auto_is_single_device_for_one_process_and_ddp_for_several() -> None:
-    assert build_strategy("auto", 1, SETTINGS) == "auto"
-    strategy = build_strategy("auto", 2, DistributedSettings(timeout_s=60))
+    assert build_strategy(ProcessLayout("auto", "cpu", 1), SETTINGS) == "auto"
+    strategy = build_strategy(ProcessLayout("auto", "cpu", 2), DistributedSettings(timeout_s=60))
     assert isinstance(strategy, DDPStrategy) and strategy._timeout.total_seconds() == 60
-    assert isinstance(build_strategy("ddp", 1, SETTINGS), DDPStrategy)
+    assert isinstance(build_strategy(ProcessLayout("ddp", "cpu", 1), SETTINGS), DDPStrategy)
 
 
 def test_fsdp_wraps_unet_blocks_with_the_configured_sharding() -> None:
     settings = DistributedSettings(fsdp_sharding="HYBRID_SHARD", fsdp_state_dict="sharded")
-    strategy = build_strategy("fsdp", 16, settings, accelerator="cuda")
+    strategy = build_strategy(ProcessLayout("fsdp", "cuda", 8, num_nodes=2), settings)
     assert isinstance(strategy, FSDPStrategy)
     assert {cls.__name__ for cls in strategy.kwargs["auto_wrap_policy"]._module_classes} == {
         "BasicTransformerBlock",
@@ -30,25 +30,28 @@ def test_fsdp_wraps_unet_blocks_with_the_configured_sharding() -> None:
 
 
 @pytest.mark.parametrize(
-    ("choice", "kwargs", "message"),
+    ("layout", "kwargs", "message"),
     [
-        ("deepspeed", {}, "trainer.strategy: 'deepspeed' is not supported"),
-        ("fsdp", {"accelerator": "cpu"}, "fsdp needs CUDA GPUs"),
-        ("fsdp", {"accelerator": "cuda", "optimizer": "adamw8bit"}, "adamw8bit"),
-        ("fsdp", {"accelerator": "cuda", "uses_ema": True}, "EMA with trainer.strategy: fsdp"),
+        (ProcessLayout("deepspeed", "cpu", 2), {}, "trainer.strategy: 'deepspeed' is not supported"),
+        (ProcessLayout("fsdp", "cpu", 2), {}, "fsdp needs CUDA GPUs"),
+        (ProcessLayout("fsdp", "cuda", 2), {"optimizer": "adamw8bit"}, "adamw8bit"),
+        (ProcessLayout("fsdp", "cuda", 2), {"uses_ema": True}, "EMA with trainer.strategy: fsdp"),
     ],
 )
-def test_refused_combinations_name_the_option(choice: str, kwargs: dict, message: str) -> None:
+def test_refused_combinations_name_the_option(layout: ProcessLayout, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_strategy(choice, 2, SETTINGS, **kwargs)
+        build_strategy(layout, SETTINGS, **kwargs)
 
 
 def test_world_size_from_trainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SLURM_NTASKS", "SLURM_JOB_NAME"):
         monkeypatch.delenv(name, raising=False)
-    assert num_processes("cpu", 2, 1) == 2
-    assert num_processes("cpu", [0, 1, 2], 2) == 6
-    assert num_processes("cpu", "auto", 3) == 3
+    assert ProcessLayout(accelerator="cpu", devices=2).world_size == 2
+    assert ProcessLayout(accelerator="cpu", devices=[0, 1, 2], num_nodes=2).world_size == 6
+    assert ProcessLayout(accelerator="cpu", devices="auto", num_nodes=3).world_size == 3
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NAME", "train")
+    assert ProcessLayout(accelerator="cpu", devices=2).world_size == 8  # the job's task count decides
 
 
 def test_collectives_are_identity_in_one_process() -> None:
