@@ -9,10 +9,10 @@ import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from sdtune.callbacks.ema import EMA
-from sdtune.callbacks.preemption import Preemption, find_preemption, requeue_slurm_job
+from sdtune.callbacks.preemption import Preemption, requeue_slurm_job
 from sdtune.callbacks.step_log import StepLog
-from sdtune.checkpoint.callback import PeriodicCheckpoint, find_checkpoint_callback
-from sdtune.contracts import UsesStorage
+from sdtune.checkpoint.callback import PeriodicCheckpoint
+from sdtune.contracts import UsesStorage, find_callback
 from sdtune.distributed import DistributedSettings, ProcessLayout, build_strategy, cluster_plugins
 from sdtune.logs import setup_logging
 from sdtune.storage import Storage
@@ -82,7 +82,7 @@ class SDTuneCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._configure_storage()
-        callback = find_checkpoint_callback(self.trainer)
+        callback = find_callback(self.trainer, PeriodicCheckpoint)
         resume = self.config["fit"]["resume"]
         if callback is None:
             if resume != "never":
@@ -94,7 +94,7 @@ class SDTuneCLI(LightningCLI):
             self.config_init["fit"]["ckpt_path"] = str(training_state)
 
     def after_fit(self) -> None:
-        preemption = find_preemption(self.trainer)
+        preemption = find_callback(self.trainer, Preemption)
         if preemption is None or not preemption.preempted:
             return
         if not self.trainer.is_global_zero:

@@ -1,18 +1,23 @@
-"""What a LightningModule must offer to be trained with sdtune's callbacks, written as Protocols.
+"""What a LightningModule or DataModule must offer to be trained with sdtune's callbacks, written as Protocols.
 
 The callbacks check them when fit starts (`require`), so a module that lacks something fails at once with
-the names of what is missing, not with an AttributeError in the middle of the first epoch.
+the names of what is missing, not with an AttributeError in the middle of the first epoch. Optional
+abilities (a DataModule that counts skipped samples) are checked with `isinstance`, never `hasattr`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 
 if TYPE_CHECKING:
+    import lightning as L
+
     from sdtune.storage import Storage
+
+T = TypeVar("T")
 
 
 @runtime_checkable
@@ -53,6 +58,37 @@ class UsesStorage(Protocol):
     config's `s3:` section, before fit, validate or test."""
 
     def use_storage(self, storage: Storage) -> None: ...
+
+
+@runtime_checkable
+class ImageData(Protocol):
+    """A DataModule of square training images: sample grids render at its resolution."""
+
+    @property
+    def resolution(self) -> int: ...
+
+
+@runtime_checkable
+class CountsBadSamples(Protocol):
+    """A DataModule that skips bad samples and counts them per reason (logged by `DataStats`)."""
+
+    def bad_sample_counts(self) -> dict[str, int]: ...
+
+
+@runtime_checkable
+class ClassificationData(Protocol):
+    """What a `Classifier` builds its network from, and records next to its exported weights (after setup)."""
+
+    def classification_shape(self) -> tuple[int, int, int]:
+        """(input channels, input side, number of classes)."""
+        ...
+
+    def export_info(self) -> dict[str, Any]: ...
+
+
+def find_callback(trainer: L.Trainer, cls: type[T]) -> T | None:
+    """The trainer's first callback of type `cls`, if it has one."""
+    return next((cb for cb in trainer.callbacks if isinstance(cb, cls)), None)
 
 
 def _members(protocol: type) -> list[str]:

@@ -7,6 +7,7 @@ import logging
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from sdtune.contracts import CountsBadSamples
 from sdtune.data.stream import EVENTS
 
 log = logging.getLogger(__name__)
@@ -31,4 +32,4 @@ class DataStats(Callback):
     @staticmethod
     def _counts(trainer: L.Trainer) -> dict[str, int] | None:
         datamodule = trainer.datamodule
-        return datamodule.bad_sample_counts() if hasattr(datamodule, "bad_sample_counts") else None
+        return datamodule.bad_sample_counts() if isinstance(datamodule, CountsBadSamples) else None

@@ -94,7 +94,3 @@ class EMA(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = dict(state_dict["shadow"])
         self.num_updates = state_dict["num_updates"]
-
-
-def find_ema(trainer: L.Trainer) -> EMA | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, EMA)), None)

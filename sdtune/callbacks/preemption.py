@@ -90,7 +90,3 @@ def requeue_slurm_job() -> bool:
         return False
     log.warning("requeued SLURM job %s; it resumes from the preemption checkpoint", job_id)
     return True
-
-
-def find_preemption(trainer: L.Trainer) -> Preemption | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, Preemption)), None)

@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
 
-from sdtune.callbacks.ema import find_ema
+from sdtune.callbacks.ema import EMA
 from sdtune.checkpoint.layout import checkpoint_tag, due
-from sdtune.contracts import Sampleable, require
+from sdtune.contracts import ImageData, Sampleable, find_callback, require
 from sdtune.models.components import build_pipeline
 
 log = logging.getLogger(__name__)
@@ -105,11 +105,11 @@ class SampleGrid(Callback):
         if self.resolution is not None:
             return self.resolution
         datamodule = trainer.datamodule
-        return datamodule.transform.resolution if datamodule is not None else 512
+        return datamodule.resolution if isinstance(datamodule, ImageData) else 512
 
     def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
-        ema = find_ema(trainer)
+        ema = find_callback(trainer, EMA)
         with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
             grid = self.render(pl_module, self._resolution(trainer))
         if trainer.is_global_zero:

@@ -267,7 +267,3 @@ class PeriodicCheckpoint(Checkpoint):
             shutil.rmtree(trash, ignore_errors=True)
             ref.path.rename(trash)
             shutil.rmtree(trash, ignore_errors=True)
-
-
-def find_checkpoint_callback(trainer: L.Trainer) -> PeriodicCheckpoint | None:
-    return next((cb for cb in trainer.callbacks if isinstance(cb, PeriodicCheckpoint)), None)

@@ -118,6 +118,11 @@ class ShardDataModule(L.LightningDataModule):
         self.latent_settings: LatentSettings | None = None  # set in setup() when the shards hold latents
         self.storage = Storage()  # the run's own (the config's `s3:` section) comes through use_storage()
 
+    @property
+    def resolution(self) -> int:
+        """Side of the square training images (sdtune.contracts.ImageData)."""
+        return self.transform.resolution
+
     def use_storage(self, storage: Storage) -> None:
         """Read shards through `storage` (built by the CLI from the config's settings)."""
         self.storage = storage

@@ -121,6 +121,10 @@ class ClassificationDataModule(L.LightningDataModule):
         assert self.train is not None, "setup() first"
         return len(self.train.classes)
 
+    def classification_shape(self) -> tuple[int, int, int]:
+        """(input channels, input side, number of classes), for sdtune.contracts.ClassificationData."""
+        return self.in_channels, self.image_size, self.num_classes
+
     @property
     def input_kind(self) -> str:
         assert self.train is not None, "setup() first"

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sdtune import rng
+from sdtune.contracts import ClassificationData
 from sdtune.eval.classification import classification_metrics
 from sdtune.latent import classifier_nets
 
@@ -81,12 +82,12 @@ class Classifier(L.LightningModule):
     def configure_model(self) -> None:
         if self.net is None:
             data = self.trainer.datamodule
-            if not all(hasattr(data, name) for name in ("in_channels", "image_size", "num_classes")):
+            if not isinstance(data, ClassificationData):
                 raise ValueError(
-                    "model: Classifier needs data: sdtune.latent.classification_data.ClassificationDataModule, "
-                    f"got {type(data).__name__}"
+                    "model: Classifier needs data: sdtune.latent.classification_data.ClassificationDataModule "
+                    f"(or a DataModule offering sdtune.contracts.ClassificationData), got {type(data).__name__}"
                 )
-            self.build(data.in_channels, data.image_size, data.num_classes)
+            self.build(*data.classification_shape())
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         assert self.net is not None, "build() first"
@@ -148,7 +149,7 @@ class Classifier(L.LightningModule):
     def export_weights(self, folder: Path, suffix: str = "", model: nn.Module | None = None) -> list[Path]:
         """`classifier{suffix}/`: model.safetensors + classifier.json, loadable with `load_classifier`."""
         data = self.trainer.datamodule if self._trainer is not None else None
-        extra = data.export_info() if hasattr(data, "export_info") else {}
+        extra = data.export_info() if isinstance(data, ClassificationData) else {}
         return [self.export(folder / f"classifier{suffix}", extra, model)]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
