@@ -8,7 +8,6 @@ from typing import Any, TypeVar
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.preemption import Preemption, requeue_slurm_job
 from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint
@@ -43,7 +42,6 @@ class SDTuneCLI(LightningCLI):
             ProcessLayout.of(trainer_config),
             self._settings("distributed", DistributedSettings),
             optimizer=getattr(self.model, "hparams", {}).get("optimizer", "adamw"),
-            uses_ema=any(isinstance(c, EMA) for c in callbacks),
         )
         plugins = trainer_config.plugins or []
         kwargs["plugins"] = (plugins if isinstance(plugins, list) else [plugins]) + cluster_plugins()

@@ -1,8 +1,8 @@
 """The distributed strategy, chosen in one place, and the few collectives the training code needs.
 
-`build_strategy` turns `trainer.strategy` (auto / ddp / fsdp), the device and node counts and the
-`distributed:` config section into a Lightning strategy and cluster plugins. The helpers below it are
-no-ops in a single process, so the training code calls them unconditionally.
+`build_strategy` turns `trainer.strategy` (auto / ddp / fsdp, which is FSDP2: `sdtune.fsdp`), the device and
+node counts and the `distributed:` config section into a Lightning strategy and cluster plugins. The helpers
+below it are no-ops in a single process, so the training code calls them unconditionally.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from lightning.pytorch.plugins.environments import SLURMEnvironment
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, Strategy
+from lightning.pytorch.strategies import DDPStrategy, Strategy
 
 STRATEGIES = ("auto", "ddp", "fsdp")
 
@@ -28,20 +28,10 @@ class DistributedSettings:
     """FSDP sharding: FULL_SHARD (params, grads, optimizer), SHARD_GRAD_OP, HYBRID_SHARD (full within a node)."""
     fsdp_state_dict: Literal["full", "sharded"] = "full"
     """FSDP training state in checkpoints: one consolidated file (rank 0) or one shard per rank."""
-    fsdp_cpu_offload: bool = False
-    """Keep FSDP parameters on the CPU between uses (slower; for models that do not fit otherwise)."""
     ddp_find_unused_parameters: bool = False
     """DDP: search the graph for unused parameters each step (only needed for conditional architectures)."""
     timeout_s: int = 1800
     """Seconds a collective may wait for the slowest rank before the job fails (checkpoint writes included)."""
-
-
-def wrapped_block_types() -> set[type[torch.nn.Module]]:
-    """FSDP wraps each UNet transformer and ResNet block as one unit (the same blocks diffusers checkpoints)."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    return {BasicTransformerBlock, ResnetBlock2D}
 
 
 @dataclass(frozen=True)
@@ -82,34 +72,22 @@ class ProcessLayout:
         return self.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
 
 
-def build_strategy(
-    layout: ProcessLayout, settings: DistributedSettings, *, optimizer: str = "adamw", uses_ema: bool = False
-) -> Strategy | str:
+def build_strategy(layout: ProcessLayout, settings: DistributedSettings, *, optimizer: str = "adamw") -> Strategy | str:
     """The Lightning strategy for `trainer.strategy` = auto | ddp | fsdp; refuses combinations that do not work."""
     choice, world_size = layout.strategy, layout.world_size
     if choice not in STRATEGIES:
         raise ValueError(f"trainer.strategy: {choice!r} is not supported; choose one of {', '.join(STRATEGIES)}")
     timeout = timedelta(seconds=settings.timeout_s)
     if choice == "fsdp":
-        if layout.accelerator == "cpu" or layout.accelerator == "auto" and not torch.cuda.is_available():
-            raise ValueError("trainer.strategy: fsdp needs CUDA GPUs (Lightning refuses FSDP on CPU); use ddp on CPU")
         if optimizer == "adamw8bit":
             raise ValueError(
-                "model.optimizer: adamw8bit (bitsandbytes) does not support FSDP's sharded parameters; "
-                "use optimizer: adamw with FSDP, or trainer.strategy: ddp with adamw8bit"
+                "model.optimizer: adamw8bit with trainer.strategy: fsdp is not supported: bitsandbytes' 8-bit state "
+                "is quantized in blocks of the whole tensor, FSDP2 gives each rank a DTensor shard; use optimizer: "
+                "adamw with fsdp (its state is sharded too), or trainer.strategy: ddp with adamw8bit"
             )
-        if uses_ema and world_size > 1:
-            raise ValueError(
-                "EMA with trainer.strategy: fsdp on several processes is not supported (each rank holds only its "
-                "shard of the weights); use trainer.strategy: ddp, or remove the EMA callback"
-            )
-        return FSDPStrategy(
-            auto_wrap_policy=wrapped_block_types(),
-            sharding_strategy=settings.fsdp_sharding,
-            state_dict_type=settings.fsdp_state_dict,
-            cpu_offload=settings.fsdp_cpu_offload,
-            timeout=timeout,
-        )
+        from sdtune.fsdp import FSDP2Strategy
+
+        return FSDP2Strategy(world_size, layout.num_nodes, settings.fsdp_sharding, settings.fsdp_state_dict, timeout)
     if choice == "ddp" or world_size > 1:
         return DDPStrategy(
             find_unused_parameters=settings.ddp_find_unused_parameters, gradient_as_bucket_view=True, timeout=timeout

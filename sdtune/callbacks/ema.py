@@ -1,4 +1,8 @@
-"""Exponential moving average of the trainable weights, saved and restored with the training state."""
+"""Exponential moving average of the trainable weights, saved and restored with the training state.
+
+Under FSDP2 the EMA weights are sharded like the parameters (DTensors): each rank averages its own shard. In the
+checkpoint they are full tensors (`fsdp_state_dict: full`, gathered) or this rank's shards (`sharded`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from sdtune.contracts import HasTrainableParameters, require
+from sdtune.fsdp import FSDP2Strategy, to_like, to_saved
 
 
 class EMA(Callback):
@@ -33,6 +38,9 @@ class EMA(Callback):
         self.update_every_n_steps = update_every_n_steps
         self.shadow: dict[str, torch.Tensor] = {}
         self.num_updates = 0
+        self._sharded_state = False  # the strategy saves each rank's shards (FSDP2, fsdp_state_dict: sharded)
+        self._loaded_sharded: bool | None = None  # set when restored weights still need placing like the params
+        self._module: L.LightningModule | None = None
 
     def current_decay(self) -> float:
         if not self.warmup:
@@ -44,25 +52,39 @@ class EMA(Callback):
             require(pl_module, HasTrainableParameters, "EMA")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        params = pl_module.trainable_parameters()
+        strategy = trainer.strategy
+        self._sharded_state = isinstance(strategy, FSDP2Strategy) and strategy.sharded_state
+        self._module = pl_module
         if not self.shadow:
-            self.shadow = {name: p.detach().clone().float() for name, p in params.items()}
-        if set(self.shadow) != set(params):
-            raise ValueError("EMA: the saved EMA weights do not match the model's trainable weights")
-        self.shadow = {name: t.to(params[name].device) for name, t in self.shadow.items()}
+            self.shadow = {name: p.detach().clone().float() for name, p in pl_module.trainable_parameters().items()}
+
+    def _placed(self) -> dict[str, torch.Tensor]:
+        """The EMA weights on the parameters' devices and shards. Restored weights are placed here, at first use:
+        a strategy that restores after setup (FSDP2) does so after on_fit_start."""
+        assert self._module is not None, "EMA used before fit started"
+        if self._loaded_sharded is not None:
+            params = self._module.trainable_parameters()
+            if set(self.shadow) != set(params):
+                raise ValueError("EMA: the saved EMA weights do not match the model's trainable weights")
+            sharded = self._loaded_sharded
+            self.shadow = {name: to_like(t.float(), params[name], sharded) for name, t in self.shadow.items()}
+            self._loaded_sharded = None
+        return self.shadow
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step % self.update_every_n_steps != 0:
             return
         weight = 1.0 - self.current_decay()
+        shadow = self._placed()
         for name, param in pl_module.trainable_parameters().items():
-            self.shadow[name].lerp_(param.detach().float(), weight)
+            shadow[name].lerp_(param.detach().float(), weight)
         self.num_updates += 1
 
     @contextmanager
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
         """Temporarily load the EMA weights into the model (for sampling and export)."""
+        self._placed()
         params = pl_module.trainable_parameters()
         backup = {name: p.detach().clone() for name, p in params.items()}
         with torch.no_grad():
@@ -79,18 +101,24 @@ class EMA(Callback):
     def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
         """The EMA weights, exported like the trained ones with the `_ema` suffix (`unet_ema/`, `lora_ema/`).
 
-        Rank 0 alone: EMA is refused with FSDP on several ranks (sdtune.distributed), so nothing is sharded.
+        Every rank calls this (under FSDP the export gathers the shards); rank 0 writes.
         """
         pl_module = trainer.lightning_module
         with self.swapped_in(pl_module):
-            pl_module.export_weights(folder, suffix="_ema", model=pl_module.model_for_export())
+            model = pl_module.model_for_export()
+            if trainer.is_global_zero:
+                pl_module.export_weights(folder, suffix="_ema", model=model)
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         pass  # the EMA state comes back through state_dict / load_state_dict
 
     def state_dict(self) -> dict[str, Any]:
-        return {"shadow": {k: v.cpu() for k, v in self.shadow.items()}, "num_updates": self.num_updates}
+        """Plain tensors: full ones, or this rank's shards under FSDP2 `sharded` (every rank calls this)."""
+        sharded = self._sharded_state
+        shadow = {k: to_saved(v, sharded).cpu() for k, v in self._placed().items()} if self._module else {}
+        return {"shadow": shadow, "num_updates": self.num_updates, "sharded": sharded}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.shadow = dict(state_dict["shadow"])
         self.num_updates = state_dict["num_updates"]
+        self._loaded_sharded = bool(state_dict.get("sharded", False))

@@ -125,7 +125,7 @@ class SampleGrid(Callback):
     def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
         """The grid of the checkpoint's step, when one was rendered, as `samples.png`."""
         grid = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
-        if grid.is_file():
+        if trainer.is_global_zero and grid.is_file():
             shutil.copyfile(grid, folder / "samples.png")
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:

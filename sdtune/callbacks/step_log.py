@@ -43,7 +43,7 @@ class StepLog(Callback):
 
     # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
     def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
-        if self._file is not None:
+        if self._file is not None:  # rank 0 keeps the log
             self._file.flush()
             shutil.copyfile(self.path(trainer), folder / STEP_LOG)
 

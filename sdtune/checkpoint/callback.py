@@ -47,7 +47,8 @@ class CheckpointPart(Protocol):
     """A callback that adds files to every checkpoint folder and reads them back when a run resumes."""
 
     def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
-        """Rank 0: put this part's files into `folder` (the checkpoint being written, before its manifest)."""
+        """Every rank (a part may gather shards with a collective); rank 0 puts this part's files into `folder`
+        (the checkpoint being written, before its manifest)."""
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         """Every rank, at fit start: the checkpoint folder being resumed, or None for a fresh run."""
@@ -220,7 +221,10 @@ class PeriodicCheckpoint(Checkpoint):
         )  # full state; every rank takes part; the strategy picks writers
         model = pl_module.model_for_export()  # every rank: FSDP gathers the shards to rank 0 here
         if trainer.is_global_zero:
-            self._write_files(trainer, pl_module, tmp, model)
+            pl_module.export_weights(tmp, model=model)
+        for part in checkpoint_parts(trainer):  # EMA weights, the sample grid, the step history, ...
+            part.write_to_checkpoint(trainer, tmp)  # every rank (EMA gathers its shards); rank 0 writes
+        if trainer.is_global_zero:
             write_manifest(tmp, self._meta(trainer, pl_module, tmp))
             shutil.rmtree(final, ignore_errors=True)  # a broken folder of the same step (from a crash)
             tmp.rename(final)
@@ -233,11 +237,6 @@ class PeriodicCheckpoint(Checkpoint):
         trainer.strategy.barrier()
         self.last_saved = final
         return final
-
-    def _write_files(self, trainer: L.Trainer, pl_module: L.LightningModule, folder: Path, model: object) -> None:
-        pl_module.export_weights(folder, model=model)
-        for part in checkpoint_parts(trainer):  # EMA weights, the sample grid, the step history, ...
-            part.write_to_checkpoint(trainer, folder)
 
     @staticmethod
     def _meta(trainer: L.Trainer, pl_module: L.LightningModule, folder: Path) -> dict[str, object]:

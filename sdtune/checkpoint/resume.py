@@ -96,7 +96,7 @@ def agree_on_resume(trainer: L.Trainer, plan: ResumePlan | None, checkpoint_dir:
         )
     if plan is None or not is_distributed():
         return
-    folder = checkpoint_dir / plan.tag
+    folder = plan.ref.path  # a remote checkpoint is fetched into checkpoint_dir; --resume <folder> names its own
     trainer.strategy.barrier()  # rank 0's download (on a shared disk) is complete
     if trainer.local_rank == 0 and not folder.is_dir():
         if plan.remote is None:

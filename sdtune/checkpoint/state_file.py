@@ -20,6 +20,7 @@ import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 _TREE_KEY = "sdtune_tree"
 
@@ -31,6 +32,8 @@ class _Encoder:
         self._storages: set[int] = set()
 
     def _store(self, tensor: torch.Tensor) -> str:
+        if isinstance(tensor, DTensor):
+            raise TypeError("a DTensor reached the training-state file: the strategy must save shards or full tensors")
         tensor = tensor.detach().to("cpu").contiguous()
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if identity in self._names:

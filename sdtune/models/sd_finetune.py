@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from lightning.pytorch.strategies import FSDPStrategy
 
 from sdtune import rng
 from sdtune.distributed import flags_of_all_ranks
+from sdtune.fsdp import FSDP2Strategy
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
 from sdtune.models.lora import add_lora, save_lora
@@ -115,6 +115,12 @@ class SDFineTune(L.LightningModule):
     # ---- parameters -------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    def configure_model(self) -> None:
+        """Under `trainer.strategy: fsdp`, shard the UNet (FSDP2); the frozen parts stay whole on every rank."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, FSDP2Strategy):
+            strategy.shard(self.unet)
 
     def setup(self, stage: str) -> None:
         settings = getattr(getattr(self.trainer, "datamodule", None), "latent_settings", None)
@@ -274,21 +280,19 @@ class SDFineTune(L.LightningModule):
 
         Under FSDP every rank must call this: the shards are gathered with a collective.
         """
-        strategy = self.trainer.strategy
-        if not isinstance(strategy, FSDPStrategy):
-            return self.unet
-        from torch.distributed.fsdp import FullStateDictConfig, StateDictType
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.fsdp import FSDPModule
 
-        config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-            state = strategy.model.state_dict()
+        if not isinstance(self.unet, FSDPModule):
+            return self.unet
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.unet, options=options)  # full on rank 0, empty elsewhere
         if not self.trainer.is_global_zero:
             return None
         unet = UNet2DConditionModel.from_config(self.unet.config)
         if self.hparams.train_mode == "lora":
             self._add_lora(unet)
-        unet.load_state_dict({k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")})
+        unet.load_state_dict(state)
         return unet
 
     def export_weights(self, folder: Path, suffix: str = "", model: UNet2DConditionModel | None = None) -> list[Path]:
