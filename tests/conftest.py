@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,10 +64,11 @@ def s3_server() -> Iterator[str]:
 
 @pytest.fixture
 def s3_bucket(s3_server: str, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket on the local S3 server (named after the test)."""
+    """A fresh bucket on the local S3 server (named after the test, one per parametrization)."""
     import boto3
 
-    name = "t-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    readable = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:40].strip("-")
+    name = f"t-{readable}-{zlib.crc32(request.node.nodeid.encode()):08x}"  # parametrized tests differ in the hash
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
 

@@ -21,7 +21,7 @@ from sdtune.checkpoint.remote import StorageRemote
 from sdtune.storage import Storage
 from tests.helpers.assertions import read_losses
 from tests.helpers.hub_server import HubServer
-from tests.helpers.runs import QUICKSTART, kill_when, run_train, train_config
+from tests.helpers.runs import QUICKSTART, kill_when, run_train, train_config, with_settings
 from tests.helpers.s3_fault_proxy import FaultProxy, Faults
 
 pytestmark = pytest.mark.slow
@@ -33,12 +33,6 @@ FINAL_STEP = 48  # 3 epochs of 16 batches
 def checkpoints(**init_args: object) -> dict:
     args = {"every_n_epochs": 1, "keep_last": 2, "remote_keep_last": 2, **init_args}
     return {"class_path": "sdtune.checkpoint.callback.PeriodicCheckpoint", "init_args": args}
-
-
-def with_settings(config: Path, **top_level: object) -> Path:
-    data = yaml.safe_load(config.read_text()) | top_level
-    config.write_text(yaml.safe_dump(data))
-    return config
 
 
 def unet_weights(folder: Path) -> dict:

@@ -50,6 +50,13 @@ def train_config(
     return path
 
 
+def with_settings(config: Path, **top_level: object) -> Path:
+    """Set top-level config sections (`s3:`, `distributed:`) of a config written by `train_config`."""
+    data = yaml.safe_load(config.read_text()) | top_level
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
 def train_command(config: Path, *extra: str, subcommand: str = "fit") -> list[str]:
     return [sys.executable, str(REPO / "train.py"), subcommand, "--config", str(config), *extra]
 
