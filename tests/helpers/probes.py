@@ -85,3 +85,30 @@ class DtypeProbe(Callback):
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "dtypes.json").write_text(json.dumps({k: sorted(v) for k, v in self.seen.items()}))
+
+
+class GradientProbe(Callback):
+    """Records, at the first optimizer step, what the UNet's parameters are (DTensor shards or whole tensors), the
+    dtype of their gradients, and the dtype FSDP2 reduces gradients in; writes `<out_dir>/gradients-rank<r>.json`."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.record: dict[str, Any] = {}
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self.record:
+            return
+        params = [p for p in pl_module.unet.parameters() if p.grad is not None]
+        policy = getattr(getattr(pl_module.unet, "_get_fsdp_state", lambda: None)(), "_mp_policy", None)
+        self.record = {
+            "param_types": sorted({type(p).__name__ for p in params}),
+            "grad_dtypes": sorted({str(p.grad.dtype).removeprefix("torch.") for p in params}),
+            "reduce_dtype": str(policy.reduce_dtype).removeprefix("torch.") if policy is not None else None,
+            "optimizer": type(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer).__name__,
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import json
+
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"gradients-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
