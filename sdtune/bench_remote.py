@@ -67,9 +67,10 @@ def bench_loader(
     return {"local_img_s": round(local, 1), "s3_img_s": round(remote, 1), "s3_over_local": round(remote / local, 3)}
 
 
-def bench_publish(shards: Path, s3_prefix: str, workdir: Path, endpoint_url: str | None) -> dict[str, Any]:
+def bench_publish(shards: Path, s3_prefix: str, workdir: Path, endpoint_url: str | None, epochs: int) -> dict[str, Any]:
     config = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
     config["trainer"].update(default_root_dir=str(workdir / "run"), logger=False, enable_progress_bar=False)
+    config["trainer"]["max_epochs"] = epochs
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("PeriodicCheckpoint"):
             callback["init_args"]["remote"] = f"{s3_prefix}/checkpoints"
@@ -103,6 +104,7 @@ def main(
     workers: int = 2,
     repeats: int = 3,
     mode: str = "all",
+    publish_epochs: int = 3,
 ) -> dict[str, Any]:
     """
     Args:
@@ -114,6 +116,7 @@ def main(
         workers: DataLoader workers.
         repeats: Epochs per loader measurement (median reported).
         mode: all, loader or publish.
+        publish_epochs: Epochs (one checkpoint each) of the quickstart run that publishes.
     """
     storage = Storage(S3Settings(endpoint_url=endpoint_url))
     if create_bucket:
@@ -129,7 +132,7 @@ def main(
         if mode in ("all", "publish"):
             synth(work / "small", num_images=64, size=64, seed=0)
             make_shards(work / "small", work / "small_shards", resolution=64, samples_per_shard=16)
-            report["publish"] = bench_publish(work / "small_shards", prefix, work, endpoint_url)
+            report["publish"] = bench_publish(work / "small_shards", prefix, work, endpoint_url, publish_epochs)
     print(json.dumps(report, indent=2))
     return report
 

@@ -32,6 +32,8 @@ def test_bench_reports_train_overhead_and_data_figures(tmp_path: Path, synth_sha
 def test_bench_remote_measures_the_loader_and_publishing_against_a_local_server(s3_server: str) -> None:
     from sdtune.bench_remote import main
 
-    report = main(s3_server, "sdtune-bench-test", create_bucket=True, num_images=16, resolution=64, repeats=1)
+    report = main(
+        s3_server, "sdtune-bench-test", create_bucket=True, num_images=16, resolution=64, repeats=1, publish_epochs=1
+    )
     assert report["loader"]["s3_img_s"] > 0 and report["loader"]["local_img_s"] > 0, report
     assert report["publish"]["checkpoints"] >= 1 and not report["publish"]["errors"], report["publish"]
