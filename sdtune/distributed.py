@@ -28,6 +28,9 @@ class DistributedSettings:
     """FSDP sharding: FULL_SHARD (params, grads, optimizer), SHARD_GRAD_OP, HYBRID_SHARD (full within a node)."""
     fsdp_state_dict: Literal["full", "sharded"] = "full"
     """FSDP training state in checkpoints: one consolidated file (rank 0) or one shard per rank."""
+    fsdp_cpu_offload: bool = False
+    """Keep FSDP parameters, gradients and optimizer state on the CPU between uses (slower; for models that do
+    not fit otherwise)."""
     ddp_find_unused_parameters: bool = False
     """DDP: search the graph for unused parameters each step (only needed for conditional architectures)."""
     timeout_s: int = 1800
@@ -85,9 +88,21 @@ def build_strategy(layout: ProcessLayout, settings: DistributedSettings, *, opti
                 "is quantized in blocks of the whole tensor, FSDP2 gives each rank a DTensor shard; use optimizer: "
                 "adamw with fsdp (its state is sharded too), or trainer.strategy: ddp with adamw8bit"
             )
+        if settings.fsdp_cpu_offload and not layout.uses_cuda:  # the hardware decides: nothing to offload from
+            raise ValueError(
+                "distributed.fsdp_cpu_offload: moves FSDP state from GPU memory to the CPU, and this run has no GPU; "
+                "set it to false"
+            )
         from sdtune.fsdp import FSDP2Strategy
 
-        return FSDP2Strategy(world_size, layout.num_nodes, settings.fsdp_sharding, settings.fsdp_state_dict, timeout)
+        return FSDP2Strategy(
+            world_size,
+            layout.num_nodes,
+            settings.fsdp_sharding,
+            settings.fsdp_state_dict,
+            timeout,
+            cpu_offload=settings.fsdp_cpu_offload,
+        )
     if choice == "ddp" or world_size > 1:
         return DDPStrategy(
             find_unused_parameters=settings.ddp_find_unused_parameters, gradient_as_bucket_view=True, timeout=timeout

@@ -75,7 +75,15 @@ class FSDP2Strategy(ModelParallelStrategy):
     """FSDP2 over a 1-D mesh of every process (FULL_SHARD, SHARD_GRAD_OP) or a 2-D (node, process) mesh (HYBRID_SHARD:
     sharded within a node, replicated across nodes). See the module docstring for the checkpoint format."""
 
-    def __init__(self, world_size: int, num_nodes: int, sharding: str, state_dict: str, timeout: timedelta) -> None:
+    def __init__(
+        self,
+        world_size: int,
+        num_nodes: int,
+        sharding: str,
+        state_dict: str,
+        timeout: timedelta,
+        cpu_offload: bool = False,
+    ) -> None:
         if sharding not in SHARDINGS:
             raise ValueError(
                 f"distributed.fsdp_sharding: {sharding!r} is not supported with FSDP2; choose one of "
@@ -90,6 +98,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.sharding = sharding
         self.sharded_state = state_dict == "sharded"
         self.hybrid_nodes = num_nodes if sharding == "HYBRID_SHARD" else 1
+        self.cpu_offload = cpu_offload
         self._pending_optimizer_states: tuple[list[dict], bool] | None = None
 
     @property
@@ -109,17 +118,28 @@ class FSDP2Strategy(ModelParallelStrategy):
     # ---- sharding (called from the LightningModule's configure_model) -----------------------------------------
     def shard(self, module: torch.nn.Module) -> None:
         """Apply fully_shard to each wrapped block of `module`, then to `module` itself (once)."""
-        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import (
+            CPUOffloadPolicy,
+            FSDPModule,
+            MixedPrecisionPolicy,
+            OffloadPolicy,
+            fully_shard,
+        )
 
         if isinstance(module, FSDPModule):
             return
         mesh = self._sharding_mesh()
         policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)  # gradients are reduced in fp32
-        reshard = self.sharding != "SHARD_GRAD_OP"
+        options = {
+            "mesh": mesh,
+            "mp_policy": policy,
+            "reshard_after_forward": self.sharding != "SHARD_GRAD_OP",
+            "offload_policy": CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+        }
         blocks = wrapped_block_types()
         for block in [m for m in module.modules() if isinstance(m, blocks)]:
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(block, **options)
+        fully_shard(module, **options)
 
     def _sharding_mesh(self) -> Any:
         mesh = self.device_mesh["data_parallel"]

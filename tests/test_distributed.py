@@ -33,11 +33,12 @@ def test_fsdp_is_fsdp2_with_the_configured_sharding_on_any_device() -> None:
     [
         (ProcessLayout("deepspeed", "cpu", 2), {}, "trainer.strategy: 'deepspeed' is not supported"),
         (ProcessLayout("fsdp", "cpu", 2), {"optimizer": "adamw8bit"}, "adamw8bit with trainer.strategy: fsdp"),
+        (ProcessLayout("fsdp", "cpu", 2), {"settings": DistributedSettings(fsdp_cpu_offload=True)}, "has no GPU"),
     ],
 )
 def test_refused_combinations_name_the_option(layout: ProcessLayout, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        build_strategy(layout, SETTINGS, **kwargs)
+        build_strategy(layout, kwargs.pop("settings", SETTINGS), **kwargs)
 
 
 def test_world_size_from_trainer_settings(monkeypatch: pytest.MonkeyPatch) -> None:
