@@ -113,15 +113,21 @@ def _leaves(tree: object, prefix: str = "") -> list[tuple[str, object]]:
     return [(prefix, tree)]
 
 
+def config_shards(name: str, synth_shards: Path, s3_server: str, s3_bucket: str) -> str:
+    """The synthetic shards; for sd15_lora_r2, whose shards stream from R2, uploaded to the local S3 server."""
+    if name != "sd15_lora_r2.yaml":
+        return str(synth_shards)
+    url = f"s3://{s3_bucket}/datasets/synth"
+    upload(synth_shards, url, s3=S3Settings(endpoint_url=s3_server))
+    return url
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_every_sd_config_shrunk_trains_and_renders_on_one_process(
     name: str, tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str
 ) -> None:
-    shards = str(synth_shards)
-    if name == "sd15_lora_r2.yaml":  # its shards stream from R2: here from the local S3 server
-        shards = f"s3://{s3_bucket}/datasets/synth"
-        upload(synth_shards, shards, s3=S3Settings(endpoint_url=s3_server))
+    shards = config_shards(name, synth_shards, s3_server, s3_bucket)
     run_dir = tmp_path / "run"
     main(["fit", "--config", str(shrunk(name, run_dir, shards, s3_server, s3_bucket))])
     assert_trained_with_the_configs_settings(name, run_dir)
@@ -129,26 +135,30 @@ def test_every_sd_config_shrunk_trains_and_renders_on_one_process(
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_sd15_full_shrunk_on_two_processes_ddp_and_fsdp2_with_fp32_gradient_reduction(
-    tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str
+@pytest.mark.parametrize(
+    ("name", "strategy", "optimizer"),
+    [(name, "ddp", "adamw8bit") for name in SD_CONFIGS] + [("sd15_full.yaml", "fsdp", "adamw")],
+    ids=[name.removesuffix(".yaml") for name in SD_CONFIGS] + ["sd15_full-fsdp2-adamw"],
+)
+def test_every_sd_config_shrunk_on_two_processes(
+    name: str, strategy: str, optimizer: str, tmp_path: Path, synth_shards: Path, s3_server: str, s3_bucket: str
 ) -> None:
-    """The config as it is on 2 ranks (DDP: 8-bit AdamW allows no FSDP), and with trainer.strategy: fsdp and
-    AdamW under bf16-mixed: the UNet is sharded (DTensors) and its gradients are fp32 and reduced in fp32."""
-    for strategy, optimizer in (("ddp", "adamw8bit"), ("fsdp", "adamw")):
-        run_dir = tmp_path / strategy
-        config = shrunk("sd15_full.yaml", run_dir, str(synth_shards), s3_server, s3_bucket)
-        data = yaml.safe_load(config.read_text())
-        data["trainer"]["callbacks"].append(
-            {"class_path": "tests.helpers.probes.GradientProbe", "init_args": {"out_dir": str(run_dir / "probe")}}
-        )
-        config.write_text(yaml.safe_dump(data))
-        extra = ["--trainer.devices", "2", "--trainer.strategy", strategy, "--model.init_args.optimizer", optimizer]
-        run_train(config, *extra)
-        assert_trained_with_the_configs_settings("sd15_full.yaml", run_dir, optimizer)
-        for rank in (0, 1):
-            record = json.loads((run_dir / "probe" / f"gradients-rank{rank}.json").read_text())
-            assert record["grad_dtypes"] == ["float32"], record
-            if strategy == "fsdp":
-                assert record["param_types"] == ["DTensor"] and record["reduce_dtype"] == "float32", record
-            else:
-                assert record["param_types"] == ["Parameter"] and record["optimizer"] == "AdamW8bit", record
+    """Each config as it is on 2 ranks (DDP: 8-bit AdamW allows no FSDP); and sd15_full with trainer.strategy: fsdp
+    and AdamW under bf16-mixed: the UNet is sharded (DTensors), its gradients are fp32 and reduced in fp32."""
+    run_dir = tmp_path / "run"
+    config = shrunk(name, run_dir, config_shards(name, synth_shards, s3_server, s3_bucket), s3_server, s3_bucket)
+    data = yaml.safe_load(config.read_text())
+    data["trainer"]["callbacks"].append(
+        {"class_path": "tests.helpers.probes.GradientProbe", "init_args": {"out_dir": str(run_dir / "probe")}}
+    )
+    config.write_text(yaml.safe_dump(data))
+    extra = ["--trainer.devices", "2", "--trainer.strategy", strategy, "--model.init_args.optimizer", optimizer]
+    run_train(config, *extra)
+    assert_trained_with_the_configs_settings(name, run_dir, optimizer)
+    for rank in (0, 1):
+        record = json.loads((run_dir / "probe" / f"gradients-rank{rank}.json").read_text())
+        assert record["grad_dtypes"] == ["float32"], record
+        if strategy == "fsdp":
+            assert record["param_types"] == ["DTensor"] and record["reduce_dtype"] == "float32", record
+        else:
+            assert record["param_types"] == ["Parameter"] and record["optimizer"] == "AdamW8bit", record
