@@ -118,12 +118,10 @@ def _read_back(file: IO[bytes]) -> str:
 
 
 def quickstart_callbacks(**checkpoint: object) -> list[dict]:
-    """The quickstart config's callbacks (EMA, sample grid with 4 sampling steps, data stats, checkpoints), with
-    `checkpoint` init_args overrides for its PeriodicCheckpoint."""
+    """The quickstart config's callbacks (EMA, sample grid, data stats, checkpoints), with `checkpoint` init_args
+    overrides for its PeriodicCheckpoint."""
     callbacks = yaml.safe_load(QUICKSTART.read_text())["trainer"]["callbacks"]
     for callback in callbacks:
         if callback["class_path"].endswith("PeriodicCheckpoint"):
             callback["init_args"].update(checkpoint)
-        if callback["class_path"].endswith("SampleGrid"):
-            callback["init_args"]["num_inference_steps"] = 4  # the same grid code, a fifth of the sampling time
     return callbacks
