@@ -159,7 +159,7 @@ class FSDP2Strategy(ModelParallelStrategy):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         assert self.model is not None
         state = get_model_state_dict(self.model, options=self._options())
-        return {name: to_saved(value, True) for name, value in state.items()}
+        return {name: to_saved(value, self.sharded_state) for name, value in state.items()}
 
     def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
         """The optimizer state keyed by parameter name (full on rank 0, or this rank's shards)."""
@@ -167,7 +167,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             optimizer = optimizer._optimizer
         assert self.model is not None
         state = get_optimizer_state_dict(self.model, optimizer, options=self._options())
-        return _map_tensors(state, lambda t: to_saved(t, True))
+        return _map_tensors(state, lambda t: to_saved(t, self.sharded_state))
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         path = Path(filepath)
@@ -191,15 +191,15 @@ class FSDP2Strategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         """Read this rank's file (all of it under `full`) and load weights and optimizer state into the shards."""
         path = Path(checkpoint_path)
-        checkpoint = self.checkpoint_io.load_checkpoint(path)
+        # Each file is read once: this rank's own file when the checkpoint has one, else the checkpoint's file.
+        mine = rank_file(path, self.global_rank)
+        checkpoint = self.checkpoint_io.load_checkpoint(mine if mine.is_file() else path)
         saved_ranks = checkpoint.get(SHARD_COUNT_KEY)
-        if saved_ranks is not None:
-            if saved_ranks != self.world_size:
-                raise ValueError(
-                    f"{path.parent}: a sharded FSDP checkpoint of {saved_ranks} ranks cannot resume on "
-                    f"{self.world_size}; resume with {saved_ranks} processes"
-                )
-            checkpoint = self.checkpoint_io.load_checkpoint(rank_file(path, self.global_rank))
+        if saved_ranks is not None and saved_ranks != self.world_size:
+            raise ValueError(
+                f"{path.parent}: a sharded FSDP checkpoint of {saved_ranks} ranks cannot resume on "
+                f"{self.world_size}; resume with {saved_ranks} processes"
+            )
         sharded = saved_ranks is not None
         assert self.model is not None
         current = get_model_state_dict(self.model)

@@ -59,8 +59,9 @@ class EMA(Callback):
             self.shadow = {name: p.detach().clone().float() for name, p in pl_module.trainable_parameters().items()}
 
     def _placed(self) -> dict[str, torch.Tensor]:
-        """The EMA weights on the parameters' devices and shards. Restored weights are placed here, at first use:
-        a strategy that restores after setup (FSDP2) does so after on_fit_start."""
+        """The EMA weights on the parameters' devices and shards. Restored weights are placed here, at first use,
+        whatever the order of restore and on_fit_start (a strategy may restore after setup, i.e. after
+        on_fit_start; sdtune's DDP and FSDP2 restore before)."""
         assert self._module is not None, "EMA used before fit started"
         if self._loaded_sharded is not None:
             params = self._module.trainable_parameters()
