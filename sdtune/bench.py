@@ -1,6 +1,6 @@
 """Measure training throughput, framework overhead and data-pipeline speed for a config.
 
-    python -m sdtune.bench --config configs/quickstart.yaml [--mode all|train|overhead|data|gpu]
+    python -m sdtune.bench --config configs/quickstart.yaml [--mode all|train|overhead|data|checkpoint|gpu]
 
 train:    Lightning fit on the config's real data: images/s, step time split into data wait and compute,
           peak memory (RSS on CPU, CUDA max allocated on GPU).
@@ -8,6 +8,10 @@ overhead: the same model and the same cached batches, through Lightning and thro
           loop (forward, backward, AdamW, LR schedule): framework overhead as a ratio of step times.
 data:     the data pipeline alone (images/s per DataLoader worker) against plain PIL decoding of the
           same tar members in one process.
+checkpoint: a full fine-tune of a preset (default sd15-random: SD 1.5's size) with EMA and 8-bit AdamW state,
+          checkpointed after every step: seconds training was blocked per checkpoint against the checkpoint's
+          total time (blocked + background write), its size per file, with the write in the background and
+          inline. Needs ~18 GB of host memory at SD 1.5 size.
 gpu:      (CUDA only) an SD1.5-shaped UNet (random init) at 512 px with cached latents in bf16:
           images/s, MFU and peak memory, with/without 8-bit AdamW and gradient checkpointing.
 """
@@ -199,6 +203,61 @@ def bench_data(datamodule: L.LightningDataModule) -> dict[str, float]:
     }
 
 
+def bench_checkpoint(preset: str, saves: int, export_dtype: str, background: bool) -> dict[str, Any]:
+    """Fit `saves` steps of `preset` (fp32, 8-bit AdamW, EMA) on 64 px cached latents, checkpointing every step."""
+    import tempfile
+
+    from sdtune.callbacks.ema import EMA
+    from sdtune.checkpoint.callback import PeriodicCheckpoint
+    from sdtune.checkpoint.publish import PUBLISH_LOG
+    from sdtune.models.sd_finetune import SDFineTune
+
+    model = SDFineTune(pretrained=preset, optimizer="adamw8bit")
+    channels = model.unet.config.in_channels
+    batch = [{"latents": torch.randn(channels, 8, 8), "caption": "a photo"} for _ in range(saves)]
+    with tempfile.TemporaryDirectory(prefix="sdtune-bench-ckpt-") as root:
+        checkpoint = PeriodicCheckpoint(
+            every_n_train_steps=1, keep_last=2, export_dtype=export_dtype, background_write=background
+        )
+        trainer = L.Trainer(
+            accelerator="auto",
+            devices=1,
+            precision="32-true",
+            max_steps=saves,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[EMA(), checkpoint],
+            default_root_dir=root,
+        )
+        start = time.perf_counter()
+        trainer.fit(model, train_dataloaders=DataLoader(batch, batch_size=1))
+        fit_s = time.perf_counter() - start
+        log_path = Path(root) / "checkpoints" / PUBLISH_LOG
+        records = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["event"] == "checkpoint"]
+        newest = sorted((Path(root) / "checkpoints").glob("epoch=*"))[-1]
+        sizes: dict[str, int] = {}
+        for path in newest.rglob("*"):
+            if path.is_file():
+                top = path.relative_to(newest).parts[0]
+                sizes[top] = sizes.get(top, 0) + path.stat().st_size
+    blocked = [r["blocked_s"] for r in records]
+    total = [r["blocked_s"] + r["write_s"] for r in records]
+    return {
+        "preset": preset,
+        "background_write": background,
+        "export_dtype": export_dtype,
+        "checkpoints": len(records),
+        "blocked_s_median": statistics.median(blocked),
+        "total_s_median": statistics.median(total),
+        "blocked_vs_total": statistics.median(blocked) / statistics.median(total),
+        "checkpoint_gb": sum(sizes.values()) / 1e9,
+        "gb_per_entry": {name: round(size / 1e9, 3) for name, size in sorted(sizes.items())},
+        "fit_s": fit_s,
+        "peak_rss_gb": peak_memory_mb() / 1024,
+    }
+
+
 def bench_gpu(steps: int, warmup: int, batch_size: int, peak_tflops: float) -> list[dict[str, Any]]:
     """SD1.5-shaped UNet at 512 px (64x64 latents), bf16 autocast, cached latents and text states."""
     from diffusers import UNet2DConditionModel
@@ -254,21 +313,27 @@ def main(
     shards: str | None = None,
     gpu_batch_size: int = 8,
     peak_tflops: float = 989.0,
+    preset: str = "sd15-random",
+    saves: int = 3,
+    export_dtype: str = "bfloat16",
     out: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmarks and print one JSON report.
 
     Args:
         config: Training config (model and data).
-        mode: all, train, overhead, data or gpu.
+        mode: all, train, overhead, data, checkpoint or gpu ("all" runs all but checkpoint).
         steps: Timed steps per measurement.
         warmup: Untimed steps first.
         shards: Use these shards instead of the config's.
         gpu_batch_size: Batch size of the SD1.5-shaped GPU benchmark.
         peak_tflops: Dense bf16 peak of the GPU for MFU (H100 SXM: 989).
+        preset: Model of the checkpoint benchmark (sd15-random: SD 1.5's size, random weights; tiny).
+        saves: Checkpoints taken per run of the checkpoint benchmark.
+        export_dtype: Exported weights' dtype in the checkpoint benchmark (sd15_full.yaml trains in bf16-mixed).
         out: Also write the report here (JSON).
     """
-    valid = {"all", "train", "overhead", "data", "gpu"}
+    valid = {"all", "train", "overhead", "data", "checkpoint", "gpu"}
     if mode not in valid:
         raise ValueError(f"--mode: {mode!r} is not one of {sorted(valid)}")
     report: dict[str, Any] = {"config": str(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -280,6 +345,9 @@ def main(
     if mode in ("all", "train"):
         model, datamodule, trainer_kwargs = load_config(config, shards)
         report["train"] = bench_train(model, datamodule, trainer_kwargs, steps, warmup)
+    if mode == "checkpoint":
+        runs = [bench_checkpoint(preset, saves, export_dtype, background) for background in (True, False)]
+        report["checkpoint"] = runs
     if mode in ("all", "gpu"):
         report["gpu"] = (
             bench_gpu(steps, warmup, gpu_batch_size, peak_tflops) if torch.cuda.is_available() else "skipped: no CUDA"

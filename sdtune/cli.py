@@ -7,7 +7,9 @@ from typing import Any, TypeVar
 
 import lightning as L
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
+from sdtune import preflight
 from sdtune.callbacks.preemption import Preemption, requeue_slurm_job
 from sdtune.callbacks.step_log import StepLog
 from sdtune.checkpoint.callback import PeriodicCheckpoint
@@ -19,6 +21,31 @@ from sdtune.storage.settings import S3Settings
 
 log = logging.getLogger("sdtune")
 T = TypeVar("T")
+
+
+def check_environment(trainer_config: Any) -> None:
+    """Before anything heavy: a GPU torch cannot use is an error; wandb online without a key goes offline."""
+    import torch
+
+    problem = preflight.cuda_problem(
+        str(trainer_config.accelerator),
+        torch.cuda.is_available(),
+        torch.__version__,
+        torch.version.cuda,
+        preflight.nvidia_driver(),
+    )
+    if problem:
+        raise OSError(problem)
+    loggers = trainer_config.logger if isinstance(trainer_config.logger, list) else [trainer_config.logger]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and not logger._offline and preflight.wandb_key_missing():
+            log.warning(
+                "wandb: logging offline: no WANDB_API_KEY in the environment (and no ~/.netrc entry), and wandb "
+                "cannot ask for one without a terminal. Set WANDB_API_KEY to log online; `wandb sync` uploads "
+                "the offline run later"
+            )
+            logger._offline = True  # Lightning's WandbLogger then starts wandb in offline mode
+            logger._wandb_init.pop("mode", None)
 
 
 class SDTuneCLI(LightningCLI):
@@ -37,6 +64,7 @@ class SDTuneCLI(LightningCLI):
         """The strategy comes from `sdtune.distributed.build_strategy`; checkpointing brings preemption handling;
         every run gets a `StepLog`."""
         trainer_config = self._config().trainer
+        check_environment(trainer_config)
         callbacks = list(trainer_config.callbacks or [])
         kwargs["strategy"] = build_strategy(
             ProcessLayout.of(trainer_config),

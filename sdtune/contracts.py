@@ -7,7 +7,6 @@ abilities (a DataModule that counts skipped samples) are checked with `isinstanc
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 
 import torch
@@ -16,6 +15,7 @@ if TYPE_CHECKING:
     import lightning as L
 
     from sdtune.storage import Storage
+    from sdtune.tensorfile import FileContent
 
 T = TypeVar("T")
 
@@ -36,8 +36,17 @@ class Exportable(HasTrainableParameters, Protocol):
         """The full model to export (every rank calls it: FSDP gathers here); None on ranks that do not write."""
         ...
 
-    def export_weights(self, folder: Path, suffix: str = "", model: Any = None) -> list[Path]:
-        """Write `model` (default: the module's own) into `folder` in the format other tools load."""
+    def export_files(
+        self,
+        suffix: str = "",
+        model: Any = None,
+        dtype: torch.dtype | None = None,
+        values: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, FileContent]:
+        """The files of `model` (default: the module's own) in the format other tools load, by path relative to
+        the checkpoint folder. Floating weights are cast to `dtype` when written; `values` replaces trainable
+        parameters (by name) with other values, e.g. the EMA weights. Tensors may be the live ones: the caller
+        copies them before training goes on."""
         ...
 
 

@@ -181,7 +181,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.checkpoint_io.save_checkpoint(checkpoint, target)
         self.barrier("sharded checkpoint written")
         if self.is_global_zero:
-            missing = [rank_file(path, r).name for r in range(self.world_size) if not rank_file(path, r).is_file()]
+            others = [rank_file(path, r) for r in range(1, self.world_size)]  # rank 0's own may be written later
+            missing = [other.name for other in others if not other.is_file()]
             if missing:
                 raise FileNotFoundError(
                     f"{path.parent}: rank files {missing} are not there: distributed.fsdp_state_dict: sharded needs "

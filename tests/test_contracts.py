@@ -33,7 +33,7 @@ def test_a_classifier_is_checkpointable_but_refused_by_the_sample_grid_with_the_
     class Bare:
         pass
 
-    with pytest.raises(ValueError, match=r"PeriodicCheckpoint needs .* Bare lacks export_weights, model_for_export"):
+    with pytest.raises(ValueError, match=r"PeriodicCheckpoint needs .* Bare lacks export_files, model_for_export"):
         require(Bare(), Exportable, "PeriodicCheckpoint")
     with pytest.raises(ValueError, match=r"SampleGrid needs .* lacks noise_scheduler, text_encoder, tokenizer"):
         require(classifier, Sampleable, "SampleGrid")

@@ -15,12 +15,15 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from sdtune.checkpoint.writer import PendingCheckpoint
 from sdtune.contracts import HasTrainableParameters, require
 from sdtune.fsdp import FSDP2Strategy, to_like, to_saved
 
 
 class EMA(Callback):
     """Keeps an EMA copy of the trainable weights; sample grids and exports use it."""
+
+    exports_weights = True  # its export can stand in for the trained weights' (checkpoint export_ema_only)
 
     def __init__(self, decay: float = 0.9999, warmup: bool = True, update_every_n_steps: int = 1) -> None:
         """
@@ -78,16 +81,17 @@ class EMA(Callback):
             return
         weight = 1.0 - self.current_decay()
         shadow = self._placed()
-        for name, param in pl_module.trainable_parameters().items():
-            shadow[name].lerp_(param.detach().float(), weight)
+        params = pl_module.trainable_parameters()
+        targets = [shadow[name] for name in params]
+        torch._foreach_lerp_(targets, [p.detach().float() for p in params.values()], weight)  # one fused op
         self.num_updates += 1
 
     @contextmanager
     def swapped_in(self, pl_module: L.LightningModule) -> Iterator[None]:
-        """Temporarily load the EMA weights into the model (for sampling and export)."""
+        """Temporarily load the EMA weights into the model (for sampling); the trained ones wait on the host."""
         self._placed()
         params = pl_module.trainable_parameters()
-        backup = {name: p.detach().clone() for name, p in params.items()}
+        backup = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
         with torch.no_grad():
             for name, param in params.items():
                 param.copy_(self.shadow[name])
@@ -99,16 +103,21 @@ class EMA(Callback):
                     param.copy_(backup[name])
 
     # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
-    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+    def write_to_checkpoint(self, trainer: L.Trainer, checkpoint: PendingCheckpoint) -> None:
         """The EMA weights, exported like the trained ones with the `_ema` suffix (`unet_ema/`, `lora_ema/`).
 
-        Every rank calls this (under FSDP the export gathers the shards); rank 0 writes.
+        Every rank calls this; rank 0 adds the files. Under FSDP2 the EMA shards are swapped into the model and
+        gathered with it; otherwise the EMA tensors are exported directly (no swap, no extra copy on the device).
         """
         pl_module = trainer.lightning_module
-        with self.swapped_in(pl_module):
-            model = pl_module.model_for_export()
-            if trainer.is_global_zero:
-                pl_module.export_weights(folder, suffix="_ema", model=model)
+        dtype = checkpoint.weights_dtype
+        if isinstance(trainer.strategy, FSDP2Strategy):
+            with self.swapped_in(pl_module):
+                model = pl_module.model_for_export()
+                if trainer.is_global_zero:
+                    checkpoint.add_files(pl_module.export_files("_ema", model=model, dtype=dtype))
+        elif trainer.is_global_zero:
+            checkpoint.add_files(pl_module.export_files("_ema", dtype=dtype, values=self._placed()))
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         pass  # the EMA state comes back through state_dict / load_state_dict

@@ -17,6 +17,7 @@ from PIL import Image
 
 from sdtune.callbacks.ema import EMA
 from sdtune.checkpoint.layout import checkpoint_tag, due
+from sdtune.checkpoint.writer import PendingCheckpoint
 from sdtune.contracts import ImageData, Sampleable, find_callback, require
 from sdtune.models.components import build_pipeline
 
@@ -122,11 +123,11 @@ class SampleGrid(Callback):
         return path
 
     # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
-    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+    def write_to_checkpoint(self, trainer: L.Trainer, checkpoint: PendingCheckpoint) -> None:
         """The grid of the checkpoint's step, when one was rendered, as `samples.png`."""
         grid = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
         if trainer.is_global_zero and grid.is_file():
-            shutil.copyfile(grid, folder / "samples.png")
+            shutil.copyfile(grid, checkpoint.folder / "samples.png")
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         pass  # grids are outputs, not state

@@ -18,6 +18,8 @@ from typing import IO, Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from sdtune.checkpoint.writer import PendingCheckpoint
+
 STEP_LOG = "steps.jsonl"
 
 
@@ -42,10 +44,10 @@ class StepLog(Callback):
         return Path(trainer.default_root_dir) / STEP_LOG
 
     # ---- the checkpoint interface (sdtune.checkpoint.callback.CheckpointPart) -------------------------------
-    def write_to_checkpoint(self, trainer: L.Trainer, folder: Path) -> None:
+    def write_to_checkpoint(self, trainer: L.Trainer, checkpoint: PendingCheckpoint) -> None:
         if self._file is not None:  # rank 0 keeps the log
             self._file.flush()
-            shutil.copyfile(self.path(trainer), folder / STEP_LOG)
+            shutil.copyfile(self.path(trainer), checkpoint.folder / STEP_LOG)
 
     def read_from_checkpoint(self, trainer: L.Trainer, folder: Path | None) -> None:
         if trainer.is_global_zero:

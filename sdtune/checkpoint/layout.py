@@ -66,13 +66,18 @@ class CheckpointRef:
         return self.path / TRAINING_STATE
 
 
-def write_manifest(folder: Path, meta: dict[str, Any]) -> Path:
-    """Hash every file in `folder` and write manifest.json (atomically) as the last file."""
-    files = {
-        str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+def write_manifest(folder: Path, meta: dict[str, Any], known: dict[str, tuple[str, int]] | None = None) -> Path:
+    """Write manifest.json (atomically) as the last file: every file in `folder` with its size and sha256.
+
+    `known` gives (sha256, bytes) of files hashed while they were written; the others are read and hashed here.
+    """
+    known = known or {}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_file() and path.name != MANIFEST:
+            digest, size = known.get(name) or (sha256_file(path), path.stat().st_size)
+            files[name] = {"bytes": size, "sha256": digest}
     manifest = {"format": FORMAT, "created_unix": time.time(), **meta, "files": files}
     return write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 

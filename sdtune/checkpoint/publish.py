@@ -1,9 +1,10 @@
 """Publish finished checkpoints to remotes in a background thread, so training does not wait for uploads.
 
 `submit` snapshots the checkpoint folder with hard links (cheap, and immune to local pruning) and queues
-it. Training blocks only when the previous checkpoint is still uploading (one upload in flight, one
-queued) and at the end of fit, while the last upload finishes. Each publish is appended to
-`<checkpoint_dir>/publish_log.jsonl` (tag, remote, seconds, bytes, blocked seconds, error).
+it. It is called from the checkpoint writer's thread, which waits when the previous checkpoint is still
+uploading (one upload in flight, one queued); training waits only at the end of fit, while the last upload
+finishes. Each publish is appended to `<checkpoint_dir>/publish_log.jsonl` (tag, remote, seconds, bytes,
+blocked seconds, error), next to each checkpoint's own record (seconds training was blocked, write time).
 """
 
 from __future__ import annotations
@@ -110,5 +111,10 @@ class Publisher:
         )
 
     def _record(self, record: dict) -> None:
-        with (self.checkpoint_dir / PUBLISH_LOG).open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        record_event(self.checkpoint_dir, record)
+
+
+def record_event(checkpoint_dir: Path, record: dict) -> None:
+    """Append one event (a checkpoint written, a publish, a wait) to `<checkpoint_dir>/publish_log.jsonl`."""
+    with (checkpoint_dir / PUBLISH_LOG).open("a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -13,20 +13,22 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
+
+from sdtune.tensorfile import HostSnapshot, TensorFile, write_tensor_file
 
 _TREE_KEY = "sdtune_tree"
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, snapshot: HostSnapshot | None = None) -> None:
+        self.snapshot = snapshot  # copy every tensor to the host (the file is written later, off this thread)
         self.tensors: dict[str, torch.Tensor] = {}
         self._names: dict[tuple, str] = {}  # the same tensor met again (bitsandbytes shares its qmaps)
         self._storages: set[int] = set()
@@ -34,7 +36,7 @@ class _Encoder:
     def _store(self, tensor: torch.Tensor) -> str:
         if isinstance(tensor, DTensor):
             raise TypeError("a DTensor reached the training-state file: the strategy must save shards or full tensors")
-        tensor = tensor.detach().to("cpu").contiguous()
+        tensor = self.snapshot.copy(tensor) if self.snapshot else tensor.detach().to("cpu").contiguous()
         identity = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
         if identity in self._names:
             return self._names[identity]  # stored once, loaded back as one shared tensor
@@ -91,10 +93,15 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return {k: _decode(v, tensors) for k, v in value.items()}
 
 
-def save_state(state: dict[str, Any], path: Path) -> None:
-    encoder = _Encoder()
+def state_file(state: dict[str, Any], snapshot: HostSnapshot | None = None) -> TensorFile:
+    """The training-state file's content; with `snapshot`, its tensors are host copies taken now."""
+    encoder = _Encoder(snapshot)
     tree = encoder.encode(state, "checkpoint")
-    save_file(encoder.tensors, str(path), metadata={_TREE_KEY: json.dumps(tree)})
+    return TensorFile(encoder.tensors, {_TREE_KEY: json.dumps(tree)})
+
+
+def save_state(state: dict[str, Any], path: Path) -> None:
+    write_tensor_file(path, state_file(state))
 
 
 def load_state(path: Path, device: str = "cpu") -> dict[str, Any]:
@@ -106,11 +113,30 @@ def load_state(path: Path, device: str = "cpu") -> dict[str, Any]:
     return _decode(json.loads(metadata[_TREE_KEY]), tensors)
 
 
+class DeferredFiles(Protocol):
+    """Where a checkpoint being taken collects its files: snapshotted now, written off the training thread."""
+
+    folder: Path
+    snapshot: HostSnapshot
+
+    def add(self, name: str, content: TensorFile) -> None: ...
+
+
 class SafetensorsCheckpointIO(CheckpointIO):
-    """Lightning CheckpointIO that writes and reads the training state with `save_state` / `load_state`."""
+    """Lightning CheckpointIO that writes and reads the training state with `save_state` / `load_state`.
+
+    While `deferred` is set (by the checkpoint callback, for the duration of one save on this rank), a save
+    hands a host snapshot of the state to it instead of writing the file.
+    """
+
+    def __init__(self) -> None:
+        self.deferred: DeferredFiles | None = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         path = Path(path)
+        if self.deferred is not None and path.parent == self.deferred.folder:
+            self.deferred.add(path.name, state_file(checkpoint, self.deferred.snapshot))
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         save_state(checkpoint, path)
 

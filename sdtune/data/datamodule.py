@@ -6,8 +6,10 @@ import copy
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,9 +22,11 @@ from sdtune.data.manifest import dataset_url, read_manifest
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.distributed import gather_objects
+from sdtune.preflight import shm_prefetch
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
+SHM = Path("/dev/shm")  # where DataLoader workers put the batches they hand over
 _META_KEYS = ("data_worker", "data_position", "data_bad")
 
 
@@ -219,9 +223,27 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,  # workers must re-read the epoch and resume point each epoch
             pin_memory=torch.cuda.is_available(),
-            prefetch_factor=4 if self.num_workers > 0 else None,
+            prefetch_factor=self._prefetch_factor() if self.num_workers > 0 else None,
             worker_init_fn=_ignore_preemption_signals,
         )
+
+    def _prefetch_factor(self, wanted: int = 4) -> int:
+        """Batches each worker keeps ready, as many of `wanted` as `/dev/shm` holds (batches from workers live in
+        shared memory: a 64 MB Docker default and 512 px batches end in a bus error, not a message)."""
+        if not SHM.is_dir():
+            return wanted
+        if self.latent_settings is not None:  # float32 latents (C, h, w), possibly with a flipped copy
+            channels, height, width = self.latent_settings.latent_shape
+            sample_bytes = 2 * channels * height * width * 4
+        else:
+            sample_bytes = 3 * self.resolution**2 * 4  # float32 pixels
+        free = shutil.disk_usage(SHM).free
+        prefetch, problem = shm_prefetch(free, self.num_workers, self.batch_size * sample_bytes, wanted)
+        if prefetch == 0:
+            raise OSError(problem)
+        if problem:
+            log.warning("%s", problem)
+        return prefetch
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_stream is None:

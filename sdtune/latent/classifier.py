@@ -22,13 +22,14 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from sdtune import rng
 from sdtune.contracts import ClassificationData
 from sdtune.eval.classification import classification_metrics
 from sdtune.latent import classifier_nets
+from sdtune.tensorfile import FileContent, TensorFile, write_files
 
 NetFactory = Callable[[int, int, int], nn.Module]
 
@@ -146,11 +147,27 @@ class Classifier(L.LightningModule):
     def model_for_export(self) -> nn.Module | None:
         return self.net
 
-    def export_weights(self, folder: Path, suffix: str = "", model: nn.Module | None = None) -> list[Path]:
+    def export_files(
+        self,
+        suffix: str = "",
+        model: nn.Module | None = None,
+        dtype: torch.dtype | None = None,
+        values: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, FileContent]:
         """`classifier{suffix}/`: model.safetensors + classifier.json, loadable with `load_classifier`."""
         data = self.trainer.datamodule if self._trainer is not None else None
         extra = data.export_info() if isinstance(data, ClassificationData) else {}
-        return [self.export(folder / f"classifier{suffix}", extra, model)]
+        net = model if model is not None else self.net
+        assert net is not None
+        state = net.state_dict()
+        if values is not None:
+            by_storage = {p.data_ptr(): values[name] for name, p in self.trainable_parameters().items()}
+            state = {key: by_storage.get(tensor.data_ptr(), tensor) for key, tensor in state.items()}
+        info = {"net": self.net_name, "options": self.net_options, **self.input_spec, **extra}
+        return {
+            f"classifier{suffix}/model.safetensors": TensorFile(dict(state), {}, dtype),
+            f"classifier{suffix}/classifier.json": (json.dumps(info, indent=2) + "\n").encode(),
+        }
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng.save_to(checkpoint)  # dropout and any other draw from the global RNGs resume exactly
@@ -158,14 +175,11 @@ class Classifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng.load_from(checkpoint, self.global_rank)
 
-    def export(self, folder: Path, extra: dict[str, Any] | None = None, net: nn.Module | None = None) -> Path:
-        """Write `model.safetensors` and `classifier.json` (network, options, input shape, plus `extra`)."""
-        net = net if net is not None else self.net
-        assert net is not None
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, folder / "model.safetensors")
-        info = {"net": self.net_name, "options": self.net_options, **self.input_spec, **(extra or {})}
-        (folder / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
+    def export(self, folder: Path) -> Path:
+        """Write `export_files` into `folder` now: model.safetensors and classifier.json (network, options, input
+        shape and the data's classes)."""
+        files = self.export_files()
+        write_files(folder, {name.removeprefix("classifier/"): content for name, content in files.items()})
         return folder
 
 

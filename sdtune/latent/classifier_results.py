@@ -26,7 +26,7 @@ class ClassifierResults(L.Callback):
             return
         folder = Path(self.dirpath or trainer.default_root_dir)
         data = trainer.datamodule
-        pl_module.export(folder / "classifier", data.export_info())
+        pl_module.export(folder / "classifier")
         metrics = {
             **pl_module.val_metrics,
             "classes": data.train.classes,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 
 
 def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: list[str]) -> None:
@@ -18,8 +19,8 @@ def add_lora(unet: UNet2DConditionModel, rank: int, alpha: float, targets: list[
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=targets))
 
 
-def save_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
-    """Write `pytorch_lora_weights.safetensors` for `StableDiffusionPipeline.load_lora_weights(folder)`."""
+def lora_state_dict(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights as `StableDiffusionPipeline.save_lora_weights` stores them (diffusers names, under
+    the `unet.` prefix); the tensors are the live parameters."""
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, safe_serialization=True)
-    return folder
+    return {f"{StableDiffusionPipeline.unet_name}.{name}": tensor for name, tensor in layers.items()}

@@ -17,7 +17,8 @@ from sdtune.distributed import flags_of_all_ranks
 from sdtune.fsdp import FSDP2Strategy
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
-from sdtune.models.lora import add_lora, save_lora
+from sdtune.models.lora import LORA_WEIGHTS, add_lora, lora_state_dict
+from sdtune.tensorfile import FileContent, TensorFile, write_files
 
 log = logging.getLogger(__name__)
 
@@ -295,11 +296,34 @@ class SDFineTune(L.LightningModule):
         unet.load_state_dict(state)
         return unet
 
-    def export_weights(self, folder: Path, suffix: str = "", model: UNet2DConditionModel | None = None) -> list[Path]:
-        """Write the trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors)."""
+    def export_files(
+        self,
+        suffix: str = "",
+        model: UNet2DConditionModel | None = None,
+        dtype: torch.dtype | None = None,
+        values: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, FileContent]:
+        """The trained weights in diffusers layout: `unet{suffix}/` or `lora{suffix}/` (safetensors).
+
+        `values` (trainable parameter name -> tensor, e.g. the EMA weights) replaces those parameters' values;
+        it applies to this module's own UNet only.
+        """
         unet = model if model is not None else self.unet
         if self.hparams.train_mode == "lora":
-            return [save_lora(unet, folder / f"lora{suffix}")]
-        target = folder / f"unet{suffix}"
-        unet.save_pretrained(target, safe_serialization=True)
-        return [target]
+            state, folder = lora_state_dict(unet), f"lora{suffix}"
+            files: dict[str, FileContent] = {}
+        else:
+            state, folder = unet.state_dict(), f"unet{suffix}"
+            files = {f"{folder}/config.json": unet.to_json_string().encode()}
+        if values is not None:
+            if unet is not self.unet:
+                raise ValueError("export_files: values replace this module's own UNet weights, not another model's")
+            by_storage = {p.data_ptr(): values[name] for name, p in self.trainable_parameters().items()}
+            state = {key: by_storage.get(tensor.data_ptr(), tensor) for key, tensor in state.items()}
+        weights = LORA_WEIGHTS if self.hparams.train_mode == "lora" else "diffusion_pytorch_model.safetensors"
+        files[f"{folder}/{weights}"] = TensorFile(dict(state), {"format": "pt"}, dtype)
+        return files
+
+    def export_weights(self, folder: Path, suffix: str = "", model: UNet2DConditionModel | None = None) -> None:
+        """Write `export_files` into `folder` now (the checkpoint callback writes them off the training thread)."""
+        write_files(folder, self.export_files(suffix, model))
