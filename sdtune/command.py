@@ -4,6 +4,7 @@
     sdtune data make-shards|index|verify|upload|subsets|encode-latents|synth|digits ...
     sdtune sweep plan|run|report ...      sdtune slurm render ...      sdtune bench ...
     sdtune bench-remote ...               sdtune latent benchmark|report|baselines ...
+    sdtune gpu-check --out DIR [--dry_run true]
 
 Each command's module is imported only when that command runs, so `sdtune --help` and `sdtune data
 make-shards` start without torch. A user mistake (a bad path or option value, an unreadable manifest,
@@ -54,6 +55,7 @@ COMMANDS = {
     ),
     "slurm": Command("sbatch scripts from a config", {"render": "sdtune.slurm:render"}),
     "bench": Command("training, overhead and data-pipeline throughput", {"": "sdtune.bench:main"}),
+    "gpu-check": Command("the recipe table of a CUDA machine (--dry_run true: on CPU)", {"": "sdtune.gpu_check:main"}),
     "bench-remote": Command("S3/R2 loader and checkpoint publishing", {"": "sdtune.bench_remote:main"}),
     "latent": Command(
         "latent-space studies",

@@ -130,6 +130,20 @@ def gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def flag_tensor_of_all_ranks(flag: torch.Tensor) -> torch.Tensor:
+    """Every rank's flag (a one-element bool tensor on the device), in rank order, as a (world size,) bool tensor.
+
+    Nothing is read on the host (an all-reduce of one-hot rows is queued on the device): the caller reads the
+    result later, off the step's critical path.
+    """
+    if not is_distributed():
+        return flag.reshape(1)
+    rows = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=flag.device)
+    rows[dist.get_rank()] = flag.reshape(()).to(torch.int32)
+    dist.all_reduce(rows)
+    return rows.bool()
+
+
 def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
     """Every rank's boolean, in rank order (one small all-gather): lets all ranks take the same decision."""
     if not is_distributed():

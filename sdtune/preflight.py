@@ -120,6 +120,6 @@ def disk_problem(need: DiskNeed, folder: Path) -> str | None:
         return None
     return (
         f"checkpoint: keep_last {need.keep_last} checkpoints of {need.checkpoint_bytes / GB:.2f} GB each (plus the "
-        f"one being written) need {need.bytes_needed / GB:.2f} GB more in {folder}, {free / GB:.2f} GB is free: "
+        f"one being written) need {need.bytes_needed / GB:.2f} GB in {folder}, {free / GB:.2f} GB is free: "
         "lower keep_last (>= 2), set export_ema_only: true or export_dtype: bfloat16, or free disk space"
     )

@@ -69,9 +69,9 @@ class HostSnapshot:
         self.bytes_copied = 0
 
     def copy(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
         if tensor.device.type == "cpu" and tensor.untyped_storage().data_ptr() in self._hosts:
             return tensor
+        tensor = tensor.detach()
         key = (
             tensor.device,
             tensor.untyped_storage().data_ptr(),

@@ -272,7 +272,7 @@ class PeriodicCheckpoint(Checkpoint):
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         try:
             self.writer.wait()  # fit ended with an error: a checkpoint in flight is still finished
-        except RuntimeError as err:
+        except OSError as err:
             log.error("%s", err)
         if self.publisher is not None:  # fit ended with an error: still finish uploading what was saved
             self.publisher.close()

@@ -78,7 +78,7 @@ class BackgroundWriter:
         waited = time.monotonic() - start
         if self._error is not None:
             error, self._error = self._error, None
-            raise RuntimeError(
+            raise OSError(
                 f"writing checkpoint {self._what} failed: {error}. The checkpoints before it are complete; "
                 "free disk space or fix the checkpoint folder, then rerun with --resume auto"
             ) from error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,14 @@ _PRESETS = {
     TINY_PRESET: (tiny.tiny_unet, tiny.tiny_vae, tiny.tiny_text_encoder),
     SD15_SHAPED_PRESET: (tiny.sd15_shaped_unet, tiny.sd15_shaped_vae, tiny.sd15_shaped_text_encoder),
 }
+
+
+def preset_builders(name: str) -> tuple[Callable[..., Any], ...]:
+    """(unet, vae, text encoder) builders of a preset ("tiny", "sd15-random"): e.g. to build one on the meta
+    device to count its FLOPs."""
+    return _PRESETS[name]
+
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 

@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 
 from sdtune import rng
-from sdtune.distributed import flags_of_all_ranks
+from sdtune.distributed import flag_tensor_of_all_ranks
 from sdtune.fsdp import FSDP2Strategy
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
@@ -52,6 +52,10 @@ class SDFineTune(L.LightningModule):
         lr_scheduler: str = "constant_with_warmup",
         lr_warmup_steps: int = 0,
         gradient_checkpointing: bool = False,
+        allow_tf32: bool = True,
+        channels_last: bool = False,
+        compile_unet: bool = False,
+        compile_options: dict[str, Any] | None = None,
         max_nonfinite_steps: int = 10,
         seed: int = 0,
     ) -> None:
@@ -75,6 +79,12 @@ class SDFineTune(L.LightningModule):
             lr_scheduler: diffusers schedule name: constant, constant_with_warmup, linear, cosine, ...
             lr_warmup_steps: Linear warmup steps.
             gradient_checkpointing: Recompute UNet activations in backward to save memory.
+            allow_tf32: fp32 matmuls and convolutions on CUDA in TF32 (Ampere and newer: several times faster for
+                the fp32 parts; no effect on other devices).
+            channels_last: Keep the UNet's weights and inputs in channels-last layout (faster convolutions on
+                tensor cores).
+            compile_unet: Compile the UNet's forward with torch.compile (slower first steps, faster after).
+            compile_options: torch.compile arguments, e.g. {"mode": "max-autotune"} or {"backend": "aot_eager"}.
             max_nonfinite_steps: Steps with a NaN/inf loss (on any rank) are skipped on every rank; this many in
                 a row stop the run (the last checkpoint stays the last good one).
             seed: Seed of the noise and timesteps of every step (a function of seed, step and rank).
@@ -103,11 +113,14 @@ class SDFineTune(L.LightningModule):
             self._add_lora(self.unet)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
         # The checkpoint keeps only trainable weights (frozen ones come from `pretrained`); see on_save_checkpoint.
         self.strict_loading = False
         self.num_nonfinite_skipped = 0
         self.num_nonfinite_in_a_row = 0
         self.skip_update = False
+        self._nonfinite: torch.Tensor | None = None  # per-rank flags of the steps since the last update
 
     def _add_lora(self, unet: UNet2DConditionModel) -> None:
         hp = self.hparams
@@ -122,6 +135,9 @@ class SDFineTune(L.LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if isinstance(strategy, FSDP2Strategy):
             strategy.shard(self.unet)
+        if self.hparams.compile_unet:
+            # In place: the weights keep their names in checkpoints and exports.
+            self.unet.compile(**(self.hparams.compile_options or {}))
 
     def setup(self, stage: str) -> None:
         settings = getattr(getattr(self.trainer, "datamodule", None), "latent_settings", None)
@@ -138,6 +154,9 @@ class SDFineTune(L.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        if self.hparams.allow_tf32:  # CUDA-only switches: nothing changes on other devices
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         # Frozen parts run in the autocast dtype (as diffusers' scripts do), on every device: CI runs the code
         # a GPU user runs. Whatever runs them outside the training step must run under the same autocast.
         if "bf16" in str(self.trainer.precision):
@@ -179,6 +198,8 @@ class SDFineTune(L.LightningModule):
         num_timesteps = self.noise_scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, num_timesteps, (latents.shape[0],), generator=generator, device=self.device)
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.hparams.channels_last:
+            noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
         prediction = self.unet(noisy_latents, timesteps, text_states.to(noisy_latents.dtype)).sample
         target = prediction_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
         gamma = self.hparams.min_snr_gamma
@@ -189,7 +210,9 @@ class SDFineTune(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.compute_loss(batch, self.step_generator())
-        self.skip_update = self.skip_nonfinite(loss)
+        # Queued on the device, read on the host in on_before_optimizer_step (once backward is queued too).
+        flags = flag_tensor_of_all_ranks(~torch.isfinite(loss.detach()).all())
+        self._nonfinite = flags if self._nonfinite is None else self._nonfinite | flags
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
         return loss
 
@@ -201,15 +224,17 @@ class SDFineTune(L.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        flags, self._nonfinite = self._nonfinite, None
+        self.skip_update = flags is not None and self.skip_nonfinite(flags.tolist())
         if self.skip_update:
             # Lightning refuses a skipped training_step under DDP, so backward runs (its gradient all-reduce
             # keeps the ranks in step) and the gradients are dropped here: AdamW leaves a parameter without a
             # gradient untouched (no update, no weight decay, no moment change).
             optimizer.zero_grad(set_to_none=True)
 
-    def skip_nonfinite(self, loss: torch.Tensor) -> bool:
-        """True when the loss is NaN/inf on any rank: then every rank skips this step; counted and bounded."""
-        flags = flags_of_all_ranks(not bool(torch.isfinite(loss).all()), self.device)
+    def skip_nonfinite(self, flags: list[bool]) -> bool:
+        """True when the loss was NaN/inf on any rank (`flags`, in rank order): then every rank skips this update;
+        counted and bounded."""
         if not any(flags):
             self.num_nonfinite_in_a_row = 0
             return False

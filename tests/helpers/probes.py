@@ -2,12 +2,14 @@
 
 `KeyRecorder` writes which samples each rank trained on at each step; `RankFingerprint` writes a hash of
 each rank's trainable weights at the end of fit; `NaNOnRank` makes one rank's loss NaN at chosen steps;
-`DtypeProbe` records the dtypes the frozen parts compute in.
+`DtypeProbe` records the dtypes the frozen parts compute in; `DiskFiller` fills the run's disk at a chosen step.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +114,26 @@ class GradientProbe(Callback):
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"gradients-rank{trainer.global_rank}.json").write_text(json.dumps(self.record))
+
+
+class DiskFiller(Callback):
+    """Fills the filesystem of the run folder, leaving `leave_bytes`, before step `at_step` runs; first waits until
+    the checkpoint `wait_for` (a folder name under checkpoints/) is complete, so only later writes run out."""
+
+    def __init__(self, at_step: int, wait_for: str, leave_bytes: int = 256 * 1024) -> None:
+        self.at_step = at_step
+        self.wait_for = wait_for
+        self.leave_bytes = leave_bytes
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step != self.at_step:
+            return
+        root = Path(trainer.default_root_dir)
+        manifest = root / "checkpoints" / self.wait_for / "manifest.json"
+        for _ in range(600):  # the background write of that checkpoint: at most 60 s
+            if manifest.is_file():
+                break
+            time.sleep(0.1)
+        free = shutil.disk_usage(root).free
+        with (root / "filler.bin").open("wb") as f:
+            f.write(b"\0" * max(0, free - self.leave_bytes))

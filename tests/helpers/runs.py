@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -77,6 +78,38 @@ def run_train(
         timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def mount_namespaces_work() -> bool:
+    """Whether this machine lets a test mount filesystems in a private mount namespace (root, CAP_SYS_ADMIN)."""
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_with_mounts(
+    config: Path,
+    mounts: dict[Path, str],
+    *extra: str,
+    copy_out: tuple[Path, Path] | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess:
+    """train.py in a private mount namespace with tmpfs filesystems of the given sizes (`{path: "16m"}`) mounted
+    over those paths (a small /dev/shm, a small disk); `copy_out=(src, dst)` copies a folder out of a mount
+    before the namespace, and its mounts, end. Returns the finished process (any return code)."""
+    steps = [
+        f"mkdir -p {shlex.quote(str(path))} && mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(path))}"
+        for path, size in mounts.items()
+    ]
+    script = " && ".join(steps) + ' || exit 99; "$@"; rc=$?; '
+    if copy_out:
+        src, dst = (shlex.quote(str(p)) for p in copy_out)
+        script += f"mkdir -p {dst}; cp -a {src}/. {dst}/; "
+    script += "exit $rc"
+    command = ["unshare", "-m", "sh", "-c", script, "sh", *train_command(config, *extra)]
+    result = subprocess.run(command, cwd=REPO, env=env or train_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode != 99, f"mounting failed: {result.stderr}"
     return result
 
 
