@@ -1,6 +1,6 @@
 """Measure training throughput, framework overhead and data-pipeline speed for a config.
 
-    python -m sdtune.bench --config configs/quickstart.yaml [--mode all|train|overhead|data|checkpoint|gpu]
+    python -m sdtune.bench --config configs/quickstart.yaml [--mode all|train|overhead|data|checkpoint]
 
 train:    Lightning fit on the config's real data: images/s, step time split into data wait and compute,
           peak memory (RSS on CPU, CUDA max allocated on GPU).
@@ -12,8 +12,7 @@ checkpoint: a full fine-tune of a preset (default sd15-random: SD 1.5's size) wi
           checkpointed after every step: seconds training was blocked per checkpoint against the checkpoint's
           total time (blocked + background write), its size per file, with the write in the background and
           inline. Needs ~18 GB of host memory at SD 1.5 size.
-gpu:      (CUDA only) an SD1.5-shaped UNet (random init) at 512 px with cached latents in bf16:
-          images/s, MFU and peak memory, with/without 8-bit AdamW and gradient checkpointing.
+The recipe table of a GPU (throughput, MFU, memory per recipe) is `sdtune gpu-check` (sdtune/gpu_check.py).
 """
 
 from __future__ import annotations
@@ -21,10 +20,12 @@ from __future__ import annotations
 import copy
 import io
 import json
+import multiprocessing
 import resource
 import statistics
 import tarfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from sdtune.cli import SDTuneCLI
-
-UNET_TRAIN_FLOPS_PER_IMAGE = 3 * 0.80e12  # SD1.5 UNet at 512 px, forward + backward, cached latents
 
 
 class StepTimer(Callback):
@@ -119,11 +118,15 @@ def _cached_batches(datamodule: L.LightningDataModule, count: int) -> list[dict]
     return [epoch[i % len(epoch)] for i in range(count)]
 
 
-def bare_loop_step_times(model: L.LightningModule, batches: list[dict], warmup: int) -> list[float]:
-    """The same model, loss and optimizer as Lightning's, in a plain PyTorch loop."""
+def bare_loop_step_times(model: L.LightningModule, batches: list[dict], warmup: int, precision: str) -> list[float]:
+    """The same model, loss, optimizer and precision as Lightning's, in a plain PyTorch loop."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     model.unet.train()
+    autocast = torch.bfloat16 if str(precision).startswith("bf16") else None  # as Lightning's bf16-mixed
+    if autocast is not None:  # the frozen parts in bf16, as SDFineTune.on_fit_start does under Lightning
+        model.vae.to(autocast)
+        model.text_encoder.to(autocast)
     optimizers = model.configure_optimizers_for(len(batches))
     optimizer, scheduler = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
     times = []
@@ -131,7 +134,8 @@ def bare_loop_step_times(model: L.LightningModule, batches: list[dict], warmup: 
         start = time.perf_counter()
         generator = torch.Generator(device=device).manual_seed(step)
         batch = {"pixel_values": batch["pixel_values"].to(device), "caption": batch["caption"]}
-        loss = model.compute_loss(batch, generator)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            loss = model.compute_loss(batch, generator)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -149,11 +153,12 @@ def bench_overhead(
     batches = _cached_batches(datamodule, warmup + steps)
     bare_model = copy.deepcopy(model)
     # Bare, Lightning, bare again: the two bare runs bracket the Lightning one against drift of the machine.
-    bare_before = statistics.median(bare_loop_step_times(bare_model, batches, warmup))
+    precision = trainer_kwargs["precision"]
+    bare_before = statistics.median(bare_loop_step_times(bare_model, batches, warmup, precision))
     timer = StepTimer(warmup)
     loader = DataLoader(batches, batch_size=None, shuffle=False)
     quiet_trainer(trainer_kwargs, warmup + steps, [timer]).fit(model, train_dataloaders=loader)
-    bare_after = statistics.median(bare_loop_step_times(bare_model, batches, warmup))
+    bare_after = statistics.median(bare_loop_step_times(bare_model, batches, warmup, precision))
     lightning_steps = [c + w for c, w in zip(timer.compute, timer.data_wait, strict=False)]
     bare = (bare_before + bare_after) / 2
     ratio = statistics.median(lightning_steps) / bare
@@ -242,7 +247,8 @@ def bench_checkpoint(preset: str, saves: int, export_dtype: str, background: boo
                 top = path.relative_to(newest).parts[0]
                 sizes[top] = sizes.get(top, 0) + path.stat().st_size
     blocked = [r["blocked_s"] for r in records]
-    total = [r["blocked_s"] + r["write_s"] for r in records]
+    # Inline, the write is part of the blocked time; in the background it follows the snapshot.
+    total = [r["blocked_s"] + (r["write_s"] if background else 0.0) for r in records]
     return {
         "preset": preset,
         "background_write": background,
@@ -258,61 +264,12 @@ def bench_checkpoint(preset: str, saves: int, export_dtype: str, background: boo
     }
 
 
-def bench_gpu(steps: int, warmup: int, batch_size: int, peak_tflops: float) -> list[dict[str, Any]]:
-    """SD1.5-shaped UNet at 512 px (64x64 latents), bf16 autocast, cached latents and text states."""
-    from diffusers import UNet2DConditionModel
-
-    results = []
-    for optimizer_name in ("adamw", "adamw8bit"):
-        for checkpointing in (False, True):
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768).cuda().train()
-            if checkpointing:
-                unet.enable_gradient_checkpointing()
-            if optimizer_name == "adamw8bit":
-                import bitsandbytes as bnb
-
-                optimizer = bnb.optim.AdamW8bit(unet.parameters(), lr=1e-5)
-            else:
-                optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused=True)
-            latents = torch.randn(batch_size, 4, 64, 64, device="cuda")
-            text = torch.randn(batch_size, 77, 768, device="cuda")
-            timesteps = torch.randint(0, 1000, (batch_size,), device="cuda")
-            for step in range(warmup + steps):
-                if step == warmup:
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    prediction = unet(latents, timesteps, text).sample
-                loss = torch.nn.functional.mse_loss(prediction.float(), latents)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            images_per_s = batch_size * steps / (time.perf_counter() - start)
-            results.append(
-                {
-                    "optimizer": optimizer_name,
-                    "gradient_checkpointing": checkpointing,
-                    "batch_size": batch_size,
-                    "images_per_s": images_per_s,
-                    "mfu": images_per_s * UNET_TRAIN_FLOPS_PER_IMAGE / (peak_tflops * 1e12),
-                    "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30,
-                }
-            )
-            del unet, optimizer
-    return results
-
-
 def main(
     config: Path = Path("configs/quickstart.yaml"),
     mode: str = "all",
     steps: int = 20,
     warmup: int = 5,
     shards: str | None = None,
-    gpu_batch_size: int = 8,
-    peak_tflops: float = 989.0,
     preset: str = "sd15-random",
     saves: int = 3,
     export_dtype: str = "bfloat16",
@@ -322,18 +279,16 @@ def main(
 
     Args:
         config: Training config (model and data).
-        mode: all, train, overhead, data, checkpoint or gpu ("all" runs all but checkpoint).
+        mode: all, train, overhead, data or checkpoint ("all" runs all but checkpoint).
         steps: Timed steps per measurement.
         warmup: Untimed steps first.
         shards: Use these shards instead of the config's.
-        gpu_batch_size: Batch size of the SD1.5-shaped GPU benchmark.
-        peak_tflops: Dense bf16 peak of the GPU for MFU (H100 SXM: 989).
         preset: Model of the checkpoint benchmark (sd15-random: SD 1.5's size, random weights; tiny).
         saves: Checkpoints taken per run of the checkpoint benchmark.
         export_dtype: Exported weights' dtype in the checkpoint benchmark (sd15_full.yaml trains in bf16-mixed).
         out: Also write the report here (JSON).
     """
-    valid = {"all", "train", "overhead", "data", "checkpoint", "gpu"}
+    valid = {"all", "train", "overhead", "data", "checkpoint"}
     if mode not in valid:
         raise ValueError(f"--mode: {mode!r} is not one of {sorted(valid)}")
     report: dict[str, Any] = {"config": str(config), "device": "cuda" if torch.cuda.is_available() else "cpu"}
@@ -346,12 +301,11 @@ def main(
         model, datamodule, trainer_kwargs = load_config(config, shards)
         report["train"] = bench_train(model, datamodule, trainer_kwargs, steps, warmup)
     if mode == "checkpoint":
-        runs = [bench_checkpoint(preset, saves, export_dtype, background) for background in (True, False)]
+        runs = []
+        for background in (True, False):  # each in a fresh process: at SD 1.5 size two runs do not fit in RAM
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs.append(pool.submit(bench_checkpoint, preset, saves, export_dtype, background).result())
         report["checkpoint"] = runs
-    if mode in ("all", "gpu"):
-        report["gpu"] = (
-            bench_gpu(steps, warmup, gpu_batch_size, peak_tflops) if torch.cuda.is_available() else "skipped: no CUDA"
-        )
     text = json.dumps(report, indent=2)
     print(text)
     if out is not None:

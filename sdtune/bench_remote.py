@@ -82,7 +82,7 @@ def bench_publish(shards: Path, s3_prefix: str, workdir: Path, endpoint_url: str
     subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)], check=True, cwd=REPO,
                    env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True)  # fmt: skip
     records = [json.loads(line) for line in (workdir / "run" / "checkpoints" / PUBLISH_LOG).read_text().splitlines()]
-    blocked = [r["blocked_s"] for r in records if r["event"] == "submit"]
+    blocked = [r["blocked_s"] for r in records if r["event"] == "checkpoint"]  # training's wait per checkpoint
     uploads = [r for r in records if r["event"] == "publish"]
     return {
         "train_wall_s": round(time.perf_counter() - start, 1),

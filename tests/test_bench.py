@@ -22,7 +22,7 @@ def test_bench_reports_train_overhead_and_data_figures(tmp_path: Path, synth_sha
     result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert report["device"] == "cpu" and report["gpu"] == "skipped: no CUDA"
+    assert report["device"] == "cpu" and "gpu" not in report
     assert report["train"]["images_per_s"] > 0, report["train"]
     assert report["overhead"]["overhead_ratio"] > 0, report["overhead"]
     assert report["data"]["pipeline_images_per_s"] > 0 and report["data"]["plain_pil_images_per_s"] > 0

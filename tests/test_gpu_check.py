@@ -23,13 +23,16 @@ def test_the_dry_run_fills_every_row_of_the_recipe_table(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     rows = {row["row"]: row for row in report["rows"]}
-    assert len(rows) == 7 and all(row["status"] == "ok" for row in rows.values()), rows
+    assert len(rows) == 8 and all(row["status"] == "ok" for row in rows.values()), rows
     assert all(row["images_per_s"] > 0 for row in rows.values())
     assert rows["DDP, all devices"]["world_size"] == 2 and rows["FSDP2, all devices"]["world_size"] == 2
     checkpoint = rows["checkpoint save + resume"]
     assert checkpoint["resumed"] == "ok" and 0 <= checkpoint["checkpoint_blocked_s"]
+    # The compiled channels-last UNet (traced with aot_eager here) trains like eager: same seeds, same losses.
+    compiled, eager = rows["full, compiled, channels-last"]["loss"], rows["full, bf16, AdamW"]["loss"]
+    assert compiled == pytest.approx(eager, rel=1e-4)
     table = (out / "gpu_check.md").read_text()
-    assert table.count("\n| ") == 1 + 7 and "| checkpoint save + resume | 1 |" in table  # header + one per row
+    assert table.count("\n| ") == 1 + 8 and "| checkpoint save + resume | 1 |" in table  # header + one per row
 
 
 def test_peaks_are_found_by_device_name():

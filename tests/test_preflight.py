@@ -53,9 +53,8 @@ def test_too_little_disk_for_keep_last_checkpoints_stops_before_training(tmp_pat
     result = run_with_mounts(config, {tmp_path / "run": "16m"})
     assert result.returncode == 2, result.stderr[-3000:]
     line = result.stderr.strip().splitlines()[-1]
-    assert re.search(r"keep_last 3 checkpoints of 0\.0\d GB each .* need 0\.1\d GB in .*checkpoints, 0\.0\d GB is free", line), (
-        line
-    )
+    expected = r"keep_last 3 checkpoints of 0\.0\d GB each .* need 0\.1\d GB in .*checkpoints, 0\.0\d GB is free"
+    assert re.search(expected, line), line
     assert "lower keep_last" in line
     assert "Traceback" not in result.stderr
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from sdtune.callbacks.ema import EMA
 from sdtune.checkpoint.layout import checkpoint_tag, due
-from sdtune.checkpoint.writer import PendingCheckpoint
+from sdtune.checkpoint.writer import PendingCheckpoint, free_gradients
 from sdtune.contracts import ImageData, Sampleable, find_callback, require
 from sdtune.models.components import build_pipeline
 
@@ -110,6 +110,7 @@ class SampleGrid(Callback):
 
     def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"
+        free_gradients(trainer, pl_module)
         ema = find_callback(trainer, EMA)
         with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
             grid = self.render(pl_module, self._resolution(trainer))

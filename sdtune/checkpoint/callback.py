@@ -31,7 +31,7 @@ from sdtune.checkpoint.publish import PUBLISH_LOG, Publisher, record_event
 from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote
 from sdtune.checkpoint.resume import ResumePlan, agree_on_resume, plan_resume
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
-from sdtune.checkpoint.writer import BackgroundWriter, PendingCheckpoint
+from sdtune.checkpoint.writer import BackgroundWriter, PendingCheckpoint, free_gradients
 from sdtune.contracts import Exportable, require
 from sdtune.fileio import fsync_dir
 from sdtune.preflight import DiskNeed, disk_problem
@@ -82,12 +82,6 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def checkpoint_parts(trainer: L.Trainer) -> list[CheckpointPart]:
     return [cb for cb in trainer.callbacks if isinstance(cb, CheckpointPart)]
-
-
-def free_gradients(pl_module: L.LightningModule) -> None:
-    """Drop the gradients of the step just taken (the next step sets them anew) before a checkpoint's copies."""
-    for param in pl_module.parameters():
-        param.grad = None
 
 
 def save_requested(trainer: L.Trainer) -> bool:
@@ -294,7 +288,7 @@ class PeriodicCheckpoint(Checkpoint):
         final = root / tag
         tmp = root / f".tmp-{tag}"
         waited = self.writer.wait()  # one checkpoint in flight (and a failed write is raised here)
-        free_gradients(pl_module)
+        free_gradients(trainer, pl_module)
         if trainer.is_global_zero:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)

@@ -15,11 +15,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lightning as L
 import torch
 
 from sdtune.tensorfile import FileContent, HostSnapshot, write_files
 
 log = logging.getLogger(__name__)
+
+
+def free_gradients(trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    """Drop the gradients of the update just made (the next step sets them anew) before a checkpoint's host copies
+    or a sample grid need the memory; kept while gradients are accumulated over several batches."""
+    if trainer.accumulate_grad_batches == 1:
+        pl_module.zero_grad(set_to_none=True)
 
 
 class PendingCheckpoint:
