@@ -6,6 +6,7 @@ import logging
 from typing import Any, TypeVar
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
@@ -81,6 +82,10 @@ class SDTuneCLI(LightningCLI):
         if not any(isinstance(c, StepLog) for c in callbacks):
             added.append(StepLog())  # every run keeps its per-step history (steps.jsonl, also in checkpoints)
         kwargs["callbacks"] = [*callbacks, *added]
+        if not any(isinstance(c, Checkpoint) for c in callbacks):
+            # Without a checkpoint callback Lightning adds its own ModelCheckpoint, which pickles the whole
+            # module to a .ckpt file every epoch: sdtune's checkpoints are PeriodicCheckpoint's (safetensors).
+            kwargs["enable_checkpointing"] = False
         return super().instantiate_trainer(**kwargs)
 
     def _config(self) -> Any:
