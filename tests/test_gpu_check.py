@@ -28,9 +28,10 @@ def test_the_dry_run_fills_every_row_of_the_recipe_table(tmp_path):
     assert rows["DDP, all devices"]["world_size"] == 2 and rows["FSDP2, all devices"]["world_size"] == 2
     checkpoint = rows["checkpoint save + resume"]
     assert checkpoint["resumed"] == "ok" and 0 <= checkpoint["checkpoint_blocked_s"]
-    # The compiled channels-last UNet (traced with aot_eager here) trains like eager: same seeds, same losses.
-    compiled, eager = rows["full, compiled, channels-last"]["loss"], rows["full, bf16, AdamW"]["loss"]
-    assert compiled == pytest.approx(eager, rel=1e-4)
+    # The compiled channels-last row (aot_eager here) ends at eager's loss within bf16's rounding; the close check
+    # in fp32 is tests/models/test_speed_options.py.
+    compiled, eager = rows["full, compiled, channels-last"]["loss"], rows["full, AdamW"]["loss"]
+    assert compiled == pytest.approx(eager, rel=1e-3)
     table = (out / "gpu_check.md").read_text()
     assert table.count("\n| ") == 1 + 8 and "| checkpoint save + resume | 1 |" in table  # header + one per row
 
