@@ -145,10 +145,5 @@ def flag_tensor_of_all_ranks(flag: torch.Tensor) -> torch.Tensor:
 
 
 def flags_of_all_ranks(flag: bool, device: torch.device) -> list[bool]:
-    """Every rank's boolean, in rank order (one small all-gather): lets all ranks take the same decision."""
-    if not is_distributed():
-        return [flag]
-    local = torch.tensor([int(flag)], device=device)
-    gathered = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, local)
-    return [bool(t.item()) for t in gathered]
+    """Every rank's boolean, in rank order, read on the host now: lets all ranks take the same decision."""
+    return flag_tensor_of_all_ranks(torch.tensor([flag], device=device)).tolist()
