@@ -96,6 +96,15 @@ class HostSnapshot:
         return TensorFile({k: self.copy(v) for k, v in content.tensors.items()}, dict(content.metadata), content.dtype)
 
 
+def replace_values(
+    state: dict[str, torch.Tensor], params: dict[str, torch.Tensor], values: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`state` (a state dict of live tensors) with each tensor of `params[name]` replaced by `values[name]`,
+    matched by storage: e.g. the EMA weights exported under the model's own weight names."""
+    by_storage = {param.data_ptr(): values[name] for name, param in params.items()}
+    return {key: by_storage.get(tensor.data_ptr(), tensor) for key, tensor in state.items()}
+
+
 def _header(content: TensorFile) -> bytes:
     entries: dict[str, object] = {}
     offset = 0

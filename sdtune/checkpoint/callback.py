@@ -351,7 +351,8 @@ class PeriodicCheckpoint(Checkpoint):
         written = time.monotonic() - start
         if not self.background_write:
             blocked += written  # written on the training thread
-        size = sum(entry["bytes"] for entry in read_manifest(final)["files"].values())
+        manifest = read_manifest(final)
+        size = sum(entry["bytes"] for entry in manifest["files"].values())
         log.info("checkpoint: %s (%.2f GB; blocked %.2f s, written in %.1f s)", final, size / 1e9, blocked, written)
         record_event(
             root,
@@ -366,7 +367,7 @@ class PeriodicCheckpoint(Checkpoint):
             },
         )
         if self.publisher is not None:
-            self.publisher.submit(final, card(read_manifest(final)))
+            self.publisher.submit(final, card(manifest))
 
     @staticmethod
     def _meta(trainer: L.Trainer, pl_module: L.LightningModule, names: set[str]) -> dict[str, object]:

@@ -29,7 +29,7 @@ from sdtune import rng
 from sdtune.contracts import ClassificationData
 from sdtune.eval.classification import classification_metrics
 from sdtune.latent import classifier_nets
-from sdtune.tensorfile import FileContent, TensorFile, write_files
+from sdtune.tensorfile import FileContent, TensorFile, replace_values, write_files
 
 NetFactory = Callable[[int, int, int], nn.Module]
 
@@ -161,8 +161,7 @@ class Classifier(L.LightningModule):
         assert net is not None
         state = net.state_dict()
         if values is not None:
-            by_storage = {p.data_ptr(): values[name] for name, p in self.trainable_parameters().items()}
-            state = {key: by_storage.get(tensor.data_ptr(), tensor) for key, tensor in state.items()}
+            state = replace_values(state, self.trainable_parameters(), values)
         info = {"net": self.net_name, "options": self.net_options, **self.input_spec, **extra}
         return {
             f"classifier{suffix}/model.safetensors": TensorFile(dict(state), {}, dtype),

@@ -18,7 +18,7 @@ from sdtune.fsdp import FSDP2Strategy
 from sdtune.models.components import load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
 from sdtune.models.lora import LORA_WEIGHTS, add_lora, lora_state_dict
-from sdtune.tensorfile import FileContent, TensorFile, write_files
+from sdtune.tensorfile import FileContent, TensorFile, replace_values, write_files
 
 log = logging.getLogger(__name__)
 
@@ -343,8 +343,7 @@ class SDFineTune(L.LightningModule):
         if values is not None:
             if unet is not self.unet:
                 raise ValueError("export_files: values replace this module's own UNet weights, not another model's")
-            by_storage = {p.data_ptr(): values[name] for name, p in self.trainable_parameters().items()}
-            state = {key: by_storage.get(tensor.data_ptr(), tensor) for key, tensor in state.items()}
+            state = replace_values(state, self.trainable_parameters(), values)
         weights = LORA_WEIGHTS if self.hparams.train_mode == "lora" else "diffusion_pytorch_model.safetensors"
         files[f"{folder}/{weights}"] = TensorFile(dict(state), {"format": "pt"}, dtype)
         return files
