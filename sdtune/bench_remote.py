@@ -31,6 +31,7 @@ from data_tools.remote import upload
 from data_tools.synth import synth
 from sdtune.checkpoint.publish import PUBLISH_LOG
 from sdtune.data.decode import ImageLimits
+from sdtune.data.plan import ShardInfo
 from sdtune.data.stream import SampleTransform, ShardStream
 from sdtune.storage import Storage
 from sdtune.storage.settings import S3Settings
@@ -43,7 +44,13 @@ def loader_rate(
 ) -> float:
     transform = SampleTransform(resolution=resolution, limits=ImageLimits(min_side=resolution // 2, max_pixels=10**8))
     stream = ShardStream(
-        urls, counts, batch_size=8, num_workers=workers, rank=0, world_size=1, transform=transform, storage=storage
+        [ShardInfo.all_valid(u, c) for u, c in zip(urls, counts, strict=True)],
+        batch_size=8,
+        num_workers=workers,
+        rank=0,
+        world_size=1,
+        transform=transform,
+        storage=storage,
     )
     loader = DataLoader(stream, batch_size=8, num_workers=workers, persistent_workers=False)
     rates = []

@@ -42,6 +42,7 @@ COMMANDS = {
         "make, check and move datasets",
         {
             "make-shards": "data_tools.make_shards:make_shards",
+            "index": "data_tools.index:index",
             "verify": "data_tools.remote:verify",
             "upload": "data_tools.remote:upload",
             "subsets": "data_tools.subsets:subsets",

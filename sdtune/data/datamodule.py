@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import logging
 import os
 import shutil
@@ -16,11 +17,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from sdtune.data.decode import ImageLimits
+from sdtune.data.decode import ImageLimits, parse_colour
+from sdtune.data.index import ScanLog, checks_of, index_shards
 from sdtune.data.latents import LatentSettings
-from sdtune.data.manifest import dataset_url, read_manifest
+from sdtune.data.manifest import DatasetManifest, dataset_url, read_manifest
+from sdtune.data.plan import REMAINDERS, ShardInfo, describe_remainder
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
-from sdtune.data.tar_stream import iter_tar_samples
 from sdtune.distributed import gather_objects
 from sdtune.preflight import shm_prefetch
 from sdtune.storage import Storage
@@ -49,10 +51,21 @@ def _ignore_preemption_signals(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def _count_samples(url: str, storage: Storage) -> int:
-    errors: dict[str, int] = {}
-    with storage.open_read(url) as stream:
-        return sum(1 for _ in iter_tar_samples(stream, url, frozenset(), errors))
+def _manifest_problem(manifest: DatasetManifest | None, names: list[str], checks: dict) -> str | None:
+    """Why a dataset's manifest cannot plan this run's epochs, or None if it can."""
+    if manifest is None:
+        return "no manifest.json"
+    listed = manifest.counts_by_name()
+    missing = [n for n in names if n not in listed]
+    if missing:
+        return f"manifest.json does not list {len(missing)} shard(s) ({missing[0]}, ...)"
+    if manifest.checks is not None and manifest.checks != checks:
+        return f"manifest.json counts valid samples for other checks ({manifest.checks}, this run: {checks})"
+    reasons = {reason for shard in manifest.shards for _, reason in shard.bad}
+    unknown = sorted(reasons - set(ALL_REASONS))
+    if unknown:
+        return f"manifest.json names unknown skip reasons {unknown}"
+    return None
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -72,6 +85,8 @@ class ShardDataModule(L.LightningDataModule):
         seed: int = 0,
         min_image_side: int | None = None,
         max_image_pixels: int = 64_000_000,
+        alpha_background: str = "white",
+        remainder: str = "wrap",
         val_shards: str | None = None,
     ) -> None:
         """
@@ -88,6 +103,9 @@ class ShardDataModule(L.LightningDataModule):
             seed: Seed of shard order, shuffle buffer and augmentations.
             min_image_side: Skip images whose shorter side is smaller (default: resolution // 2).
             max_image_pixels: Skip images with more pixels than this (decompression-bomb guard).
+            alpha_background: Colour that transparent images (RGBA, LA, P with transparency) are flattened on.
+            remainder: When the valid samples do not fill every reader's batches evenly: `wrap` repeats a
+                few samples to fill them, `drop` leaves a few out (a different window each epoch).
             val_shards: Held-out shards for `val/loss` (center crop, no flip, no caption dropout, same
                 samples, noise and timesteps in every run, so runs can be compared).
         """
@@ -100,6 +118,9 @@ class ShardDataModule(L.LightningDataModule):
         for name, value in (("flip_prob", flip_prob), ("caption_dropout", caption_dropout)):
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"data.{name}: must be in [0, 1], got {value}")
+        if remainder not in REMAINDERS:
+            raise ValueError(f"data.remainder: {remainder!r} is not one of {list(REMAINDERS)}")
+        self.remainder = remainder
         self.shards = shards
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -108,7 +129,9 @@ class ShardDataModule(L.LightningDataModule):
         self.transform = SampleTransform(
             resolution=resolution,
             limits=ImageLimits(
-                min_side=resolution // 2 if min_image_side is None else min_image_side, max_pixels=max_image_pixels
+                min_side=resolution // 2 if min_image_side is None else min_image_side,
+                max_pixels=max_image_pixels,
+                background=parse_colour(alpha_background, "data.alpha_background"),
             ),
             random_crop=random_crop,
             flip_prob=flip_prob,
@@ -131,18 +154,44 @@ class ShardDataModule(L.LightningDataModule):
         """Read shards through `storage` (built by the CLI from the config's settings)."""
         self.storage = storage
 
-    def _shard_counts(self, urls: list[str], spec: str) -> list[int]:
+    def _shard_infos(self, urls: list[str], spec: str, option: str) -> list[ShardInfo]:
+        """Valid samples and known bad ones per shard: from the manifest when it fits this run's checks,
+        else counted once by reading the shards (split over ranks) and kept in the run folder."""
         folder = dataset_url(spec, self.storage)
         manifest = read_manifest(folder, self.storage)
-        counts = manifest.counts_by_name() if manifest else {}
-        missing = [u for u in urls if os.path.basename(u) not in counts]
-        if missing:
-            log.warning(
-                "no manifest entry for %d shard(s) under %s; counting samples by reading them",
-                len(missing),
-                folder,
-            )
-        return [counts.get(os.path.basename(u)) or _count_samples(u, self.storage) for u in urls]
+        checks = checks_of(self.transform.limits)
+        names = [os.path.basename(u) for u in urls]
+        problem = _manifest_problem(manifest, names, checks)
+        if problem is None:
+            assert manifest is not None
+            entries = {s.name: s for s in manifest.shards}
+            return [
+                ShardInfo(u, e.num_samples, e.total_raw, e.bad_positions(), e.truncated)
+                for u, e in ((u, entries[n]) for u, n in zip(urls, names, strict=True))
+            ]
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        key = hashlib.sha256(f"{folder}|{spec}".encode()).hexdigest()[:16]
+        path = Path(trainer.default_root_dir if trainer else ".") / "data_index" / f"{key}.jsonl"
+        log.warning(
+            "data.%s: %s under %s; counting valid samples with the loader's checks once (kept in %s; "
+            "`sdtune data index --shards %s` writes a manifest instead)",
+            option,
+            problem,
+            folder,
+            path,
+            spec,
+        )
+        scan_log = ScanLog(path, checks, writable=rank == 0)
+        mine = index_shards(
+            urls[rank::world_size], self.storage, self.transform.limits, scan_log, max(1, self.num_workers)
+        )
+        scans = [None] * len(urls)
+        for other, results in enumerate(gather_objects(mine)):
+            scans[other::world_size] = results
+        for scan in scans:
+            scan_log.add(scan)  # rank 0 keeps the other ranks' results too
+        return [scan.info(u) for scan, u in zip(scans, urls, strict=True)]
 
     def _stream(
         self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any
@@ -153,8 +202,7 @@ class ShardDataModule(L.LightningDataModule):
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         return ShardStream(
-            urls,
-            self._shard_counts(urls, spec),
+            self._shard_infos(urls, spec, option),
             self.batch_size,
             num_workers,
             rank,
@@ -162,6 +210,7 @@ class ShardDataModule(L.LightningDataModule):
             transform,
             self.storage,
             seed=self.seed,
+            remainder=self.remainder,
             **kwargs,
         )
 
@@ -192,8 +241,13 @@ class ShardDataModule(L.LightningDataModule):
             self.train_stream = self._stream(
                 self.shards, "shards", self.transform, self.num_workers, shuffle_buffer=self.shuffle_buffer
             )
-            num_batches = len(self.train_stream) // self.batch_size
-            log.info("data: %d shards, %d batches per epoch per device", len(self.train_stream.shard_urls), num_batches)
+            stream = self.train_stream
+            log.info(
+                "data: %d shards, %d batches per epoch per device; %s",
+                len(stream.shard_urls),
+                len(stream) // self.batch_size,
+                describe_remainder(stream.num_valid, stream.num_readers, self.batch_size, self.remainder),
+            )
         if self.val_shards and self.val_stream is None:
             # One reader per rank, in the training process, no shuffle: the same batches in every run.
             self.val_stream = self._stream(self.val_shards, "val_shards", self.val_transform, 0, shuffle_buffer=1)
@@ -274,6 +328,8 @@ class ShardDataModule(L.LightningDataModule):
             "num_workers": self.num_workers,
             "world_size": trainer.world_size if trainer else 1,
             "seed": self.seed,
+            "remainder": self.remainder,
+            "epoch_plan": 2,  # how epochs are cut into readers' ranges (1: whole shards per reader)
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -291,6 +347,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, current = state["layout"], self._layout()
+        saved = {"remainder": "wrap", "epoch_plan": 1} | saved  # checkpoints from before either existed
         changed = [f"{k}: {saved[k]} -> {current[k]}" for k in saved if saved[k] != current.get(k)]
         if changed:
             raise ValueError(

@@ -1,6 +1,8 @@
 """Decode and validate one raw sample: image (jpg/png/webp) and caption (.txt or .json `caption`).
 
-Bad samples raise `BadSample` with a reason from `BAD_REASONS`; the stream counts and skips them.
+Bad samples raise `BadSample` with a reason from `BAD_REASONS`; the stream counts and skips them. Images in
+other modes than RGB are converted by fixed rules (CMYK through its ICC profile, transparency flattened on a
+background colour, 16/32-bit greyscale scaled to 8 bits) and the conversion is reported.
 """
 
 from __future__ import annotations
@@ -24,12 +26,10 @@ CAPTION_EXTS = ("txt", "json")
 LABEL_EXT = "cls"  # webdataset's convention: the class index as decimal text
 LATENT_EXTS = ("latent.npy", "latent_flip.npy", "latent.safetensors")
 WANTED_EXTS = frozenset((*IMAGE_EXTS, *CAPTION_EXTS, LABEL_EXT, *LATENT_EXTS))
-# 16-bit, float, CMYK, LA, 1-bit etc. are refused rather than silently converted.
-ACCEPTED_MODES = frozenset({"RGB", "RGBA", "L", "P"})
 BAD_REASONS = (
     "missing_image",
     "undecodable_image",
-    "bad_mode",
+    "bad_mode",  # a mode with no defined conversion to RGB (none of Pillow's still-image modes since 2026-12)
     "too_small",
     "too_large",
     "missing_caption",
@@ -38,6 +38,8 @@ BAD_REASONS = (
 )
 # Kept apart from BAD_REASONS so that skip counters saved by older checkpoints keep their positions.
 LABEL_LATENT_REASONS = ("missing_latent", "bad_latent", "missing_label", "bad_label")
+# Images converted to RGB by a rule rather than used as they are (counted as `data/converted_<kind>`).
+CONVERSIONS = ("cmyk", "cmyk_icc", "alpha", "high_bit_depth", "other_mode")
 
 
 class BadSample(Exception):
@@ -49,8 +51,22 @@ class BadSample(Exception):
 
 @dataclass(frozen=True)
 class ImageLimits:
+    """What an image must be to be used (sides, pixels) and how transparency is flattened."""
+
     min_side: int
     max_pixels: int
+    background: tuple[int, int, int] = (255, 255, 255)
+
+
+def parse_colour(value: str, option: str) -> tuple[int, int, int]:
+    """`white`, `#808080`, `rgb(0,0,0)` (anything Pillow's ImageColor reads) -> an RGB triple."""
+    from PIL import ImageColor
+
+    try:
+        colour = ImageColor.getrgb(value)
+    except ValueError:
+        raise ValueError(f"{option}: {value!r} is not a colour; give a name like 'white' or '#rrggbb'") from None
+    return colour[0], colour[1], colour[2]
 
 
 def _json_field(sample: RawSample, name: str, bad_reason: str) -> object:
@@ -86,7 +102,13 @@ def decode_caption(sample: RawSample) -> str:
 
 
 def decode_image(sample: RawSample, limits: ImageLimits) -> Image.Image:
-    """Open, check size and mode from the header before decoding pixels, then decode to RGB."""
+    """The sample's image as RGB (see `decode_image_converted`)."""
+    return decode_image_converted(sample, limits)[0]
+
+
+def decode_image_converted(sample: RawSample, limits: ImageLimits) -> tuple[Image.Image, str | None]:
+    """Open, check size from the header before decoding pixels, decode, convert to RGB; returns the image
+    and the conversion applied (one of CONVERSIONS, None for RGB, L and opaque P)."""
     data = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
     if data is None:
         raise BadSample("missing_image")
@@ -100,18 +122,88 @@ def decode_image(sample: RawSample, limits: ImageLimits) -> Image.Image:
                 raise BadSample("too_large", f"{width}x{height}")
             if min(width, height) < limits.min_side:
                 raise BadSample("too_small", f"{width}x{height}")
-            if image.mode not in ACCEPTED_MODES:
-                raise BadSample("bad_mode", image.mode)
             image.load()
+            return to_rgb(image, limits.background)
         except BadSample:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Warning) as err:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            # Pillow refuses these before sdtune's own pixel cap is read: the same reason, too large.
+            raise BadSample("too_large", str(err)[:80]) from err
+        except (OSError, ValueError, SyntaxError, Warning) as err:
             raise BadSample("undecodable_image", str(err)[:80]) from err
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
+
+
+_HIGH_BIT_DEPTH = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I", "F"})
+_SRGB = None
+
+
+def _srgb_profile() -> object:
+    global _SRGB
+    if _SRGB is None:
+        from PIL import ImageCms
+
+        _SRGB = ImageCms.createProfile("sRGB")
+    return _SRGB
+
+
+def _cmyk_to_rgb(image: Image.Image) -> tuple[Image.Image, str]:
+    """CMYK through its embedded ICC profile to sRGB when it has a usable one, else Pillow's formula.
+
+    Pillow reads every CMYK JPEG as Adobe-inverted (what Photoshop writes, with an Adobe APP14 marker); one
+    without the marker holds plain CMYK (libjpeg's convention), so its values are inverted back first."""
+    if image.format == "JPEG" and "adobe" not in image.info:
+        image = Image.eval(image, lambda value: 255 - value)
+    icc = image.info.get("icc_profile")
+    if icc:
+        from PIL import ImageCms
+
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            converted = ImageCms.profileToProfile(image, source, _srgb_profile(), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            converted = None  # a broken or non-CMYK profile: the plain conversion below
+        if converted is not None:
+            return converted, "cmyk_icc"
+    return image.convert("RGB"), "cmyk"
+
+
+def _has_alpha(image: Image.Image) -> bool:
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+
+
+def _flatten(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    rgba = image.convert("RGBA")
+    flat = Image.new("RGB", image.size, background)
+    flat.paste(rgba, mask=rgba.getchannel("A"))
+    return flat
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit greyscale to 8 bits: integers as 16-bit values (what PNG and TIFF hold), floats in [0, 1]."""
+    array = np.asarray(image)
+    if image.mode == "F":
+        scaled = np.clip(array, 0.0, 1.0) * 255.0
+    else:
+        scaled = np.clip(array.astype(np.float64), 0, 65535) / 257.0
+    return Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L").convert("RGB")
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int]) -> tuple[Image.Image, str | None]:
+    """RGB for any still image Pillow decodes; returns (image, conversion kind or None)."""
+    if image.mode == "RGB" and "transparency" not in image.info:
+        return image, None
+    if image.mode == "CMYK":
+        return _cmyk_to_rgb(image)
+    if image.mode in _HIGH_BIT_DEPTH:
+        return _high_bit_depth_to_rgb(image), "high_bit_depth"
+    if _has_alpha(image):
+        return _flatten(image, background), "alpha"
+    if image.mode in ("L", "P"):
+        return image.convert("RGB"), None
+    try:
+        return image.convert("RGB"), "other_mode"  # 1-bit, YCbCr, LAB, HSV
+    except ValueError as err:
+        raise BadSample("bad_mode", image.mode) from err
 
 
 def resize_crop_flip(

@@ -1,4 +1,9 @@
-"""The dataset manifest written next to a shard folder: shard names, sample counts, sha256."""
+"""The dataset manifest written next to a shard folder: shard names, sample counts, sha256.
+
+`make_shards` and `encode_latents` write only valid samples, so their entries need no more. A manifest
+made by `data index` for shards written elsewhere also lists, per shard, the raw samples the loader's
+checks refuse (`bad`: [position, reason] pairs) and the check settings it used (`checks`): the loader
+then plans exact epochs over the valid samples without decoding anything to count them."""
 
 from __future__ import annotations
 
@@ -16,9 +21,19 @@ FORMAT = "sdtune-shards/1"
 @dataclass
 class ShardEntry:
     name: str
-    num_samples: int
+    num_samples: int  # valid samples
     sha256: str
     num_bytes: int
+    num_raw: int | None = None  # samples in the tar, valid or not (None: all are valid)
+    bad: list[list] = field(default_factory=list)  # [[raw position, reason], ...] in tar order
+    truncated: bool = False  # the tar ends inside a member (the samples before the cut are counted)
+
+    def bad_positions(self) -> dict[int, str]:
+        return {int(position): str(reason) for position, reason in self.bad}
+
+    @property
+    def total_raw(self) -> int:
+        return self.num_samples + len(self.bad) if self.num_raw is None else self.num_raw
 
 
 @dataclass
@@ -28,6 +43,10 @@ class DatasetManifest:
     skipped: dict[str, int] = field(default_factory=dict)
     classes: list[str] | None = None  # class names by label index, for labelled datasets
     latents: dict | None = None  # latent shards: the encoding settings (see sdtune.data.latents)
+    checks: dict | None = None  # `data index`: the image checks the counts hold for (see sdtune.data.index)
+    converted: dict[str, int] = field(default_factory=dict)  # images converted to RGB, per kind
+    caption_source: str | None = None  # "txt", "json" or "txt+json" (`data index`)
+    content: str | None = None  # "images" or "latents" (`data index`)
     format: str = FORMAT
 
     @property
@@ -54,10 +73,14 @@ class DatasetManifest:
                 skipped=data.get("skipped", {}),
                 classes=data.get("classes"),
                 latents=data.get("latents"),
+                checks=data.get("checks"),
+                converted=data.get("converted", {}),
+                caption_source=data.get("caption_source"),
+                content=data.get("content"),
             )
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
-                f"{source}: unreadable shard manifest ({err}); remake the folder with data_tools make_shards, "
+                f"{source}: unreadable shard manifest ({err}); remake it with `sdtune data index --shards <folder>`, "
                 "or delete manifest.json to count samples from the shards"
             ) from None
 

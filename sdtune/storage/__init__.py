@@ -34,6 +34,10 @@ class StorageBackend(Protocol):
 
     def exists(self, url: str) -> bool: ...
 
+    def fingerprint(self, url: str) -> str:
+        """Changes whenever the file's content may have: size plus mtime, ETag or blob id."""
+        ...
+
     def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None: ...
 
     def download(self, url: str, local: Path) -> None: ...
@@ -115,6 +119,9 @@ class Storage:
 
     def walk(self, url: str) -> dict[str, int]:
         return self.backend_for(url).walk(url)
+
+    def fingerprint(self, url: str) -> str:
+        return self.backend_for(url).fingerprint(url)
 
     def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
         self.backend_for(url).upload(local, url, metadata)

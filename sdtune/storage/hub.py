@@ -95,6 +95,17 @@ class HubBackend:
         cut = len(prefix) + 1 if prefix else 0
         return {e.path[cut:]: e.size for e in self._tree(url, recursive=True)}
 
+    def fingerprint(self, url: str) -> str:
+        hub = parse_hub_url(url)
+        try:
+            infos = HfApi().get_paths_info(hub.repo_id, [hub.path], revision=hub.revision, repo_type=hub.repo_type)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+            raise _explain(err, url) from err
+        files = [i for i in infos if isinstance(i, RepoFile)]
+        if not files:
+            raise FileNotFoundError(f"{url}: no such file")
+        return f"{files[0].size}:{files[0].blob_id}"
+
     def exists(self, url: str) -> bool:
         hub = parse_hub_url(url)
         api = HfApi()

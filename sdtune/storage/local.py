@@ -33,6 +33,10 @@ class LocalBackend:
     def exists(self, url: str) -> bool:
         return self.path(url).exists()
 
+    def fingerprint(self, url: str) -> str:
+        stat = self.path(url).stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
     def upload(self, local: Path, url: str, metadata: dict[str, str] | None = None) -> None:
         copy_atomic(local, self.path(url))
 

@@ -294,6 +294,12 @@ class S3Backend:
             raise _explain(err, url) from err
         return {"bytes": meta["ContentLength"], "etag": meta["ETag"], "metadata": meta.get("Metadata", {})}
 
+    def fingerprint(self, url: str) -> str:
+        head = self.head(url)
+        if head is None:
+            raise FileNotFoundError(f"{url}: no such object")
+        return f"{head['bytes']}:{head['etag']}"
+
     def exists(self, url: str) -> bool:
         bucket, key = split_url(url)
         if key and not key.endswith("/") and self.head(url) is not None:

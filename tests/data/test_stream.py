@@ -1,152 +1,132 @@
-"""The shard stream: bad samples skipped and counted per reason, seeded order, no pickle decoded, resume."""
+"""The shard stream on shards written elsewhere: exact epochs on any reader layout (every valid sample once,
+each skip counted once, under its reason), conversions, seeded order, resume, and the epoch plan itself."""
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
-import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import webdataset as wds
-from PIL import Image
 
 from sdtune.data.decode import ImageLimits
-from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
+from sdtune.data.index import index_shards
+from sdtune.data.plan import ShardInfo, plan_epoch, samples_per_reader
+from sdtune.data.stream import ALL_REASONS, EVENTS, EpochResume, SampleTransform, ShardStream
 from sdtune.storage import Storage
+from tests.helpers.corpus import Corpus, write_foreign_corpus
+
+LIMITS = ImageLimits(min_side=32, max_pixels=64_000_000)
 
 
-class _Boom:
-    """Unpickling this writes a marker file: proof that a pickle member was (or was not) decoded."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path(self.marker).write_text, ("pwned",))
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
+    root = tmp_path_factory.mktemp("foreign")
+    return write_foreign_corpus(root / "shards", root / "unpickled.txt")
 
 
-def _encode(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
+@pytest.fixture(scope="module")
+def shard_infos(corpus: Corpus) -> list[ShardInfo]:
+    urls = sorted(str(p) for p in corpus.folder.glob("*.tar"))
+    return [scan.info(url) for scan, url in zip(index_shards(urls, Storage(), LIMITS, None), urls, strict=True)]
 
 
-def _rgb(seed: int, size: int = 48) -> Image.Image:
-    array = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
-    return Image.fromarray(array)
-
-
-def write_bad_corpus(folder: Path, marker: Path) -> tuple[list[str], dict[str, int]]:
-    """Two shards mixing valid samples with every kind of bad one; returns valid keys and expected counts."""
-    folder.mkdir(parents=True)
-    valid: list[str] = []
-    expected = dict.fromkeys(ALL_REASONS, 0)
-    bad_samples = [
-        ("missing_caption", {"png": _encode(_rgb(1), "PNG")}),
-        ("empty_caption", {"png": _encode(_rgb(2), "PNG"), "txt": b"   \n"}),
-        ("missing_caption", {"png": _encode(_rgb(3), "PNG"), "json": json.dumps({"tags": ["x"]}).encode()}),
-        ("bad_caption", {"png": _encode(_rgb(4), "PNG"), "txt": b"\xff\xfe\xfa"}),
-        ("undecodable_image", {"jpg": b"\xff\xd8\xff\xe0 not really a jpeg", "txt": b"broken"}),
-        ("missing_image", {"txt": b"caption without image"}),
-        ("bad_mode", {"jpg": _encode(_rgb(5).convert("CMYK"), "JPEG"), "txt": b"cmyk"}),
-        ("bad_mode", {"png": _encode(_rgb(6).convert("LA"), "PNG"), "txt": b"la"}),
-        ("bad_mode", {"png": _encode(Image.new("I;16", (48, 48), 1000), "PNG"), "txt": b"16 bit"}),
-        ("too_small", {"png": _encode(_rgb(7, size=8), "PNG"), "txt": b"tiny"}),
-        ("too_large", {"png": _encode(Image.new("RGB", (400, 400)), "PNG"), "txt": b"giant"}),
-    ]
-    index = 0
-    for shard in range(2):
-        with wds.TarWriter(str(folder / f"shard-{shard:06d}.tar")) as writer:
-            for i in range(12):
-                key = f"s{index:04d}"
-                index += 1
-                fmt = ("PNG", "JPEG", "WEBP")[i % 3]
-                caption = f"sample {key}"
-                sample = {"__key__": key, fmt.lower().replace("jpeg", "jpg"): _encode(_rgb(index), fmt)}
-                if i % 2:
-                    sample["json"] = json.dumps({"caption": caption}).encode()
-                else:
-                    sample["txt"] = caption.encode()
-                if i == 3:  # a pickle member next to a valid sample: must be ignored, never unpickled
-                    sample["pyd"] = pickle.dumps(_Boom(str(marker)))
-                    sample["pth"] = pickle.dumps(_Boom(str(marker)))
-                writer.write(sample)
-                valid.append(f"shard-{shard:06d}.tar/{key}")
-            for reason, members in bad_samples[shard::2]:
-                writer.write({"__key__": f"bad{index:04d}", **members})
-                index += 1
-                expected[reason] += 1
-    # A third shard cut short in the middle of a member: the samples before the cut are kept.
-    whole = folder / "whole.tar"
-    with wds.TarWriter(str(whole)) as writer:
-        for i in range(4):
-            writer.write({"__key__": f"t{i}", "png": _encode(_rgb(100 + i), "PNG"), "txt": b"truncated shard"})
-    data = whole.read_bytes()
-    with tarfile.open(whole) as tar:
-        cut = tar.getmember("t3.png").offset_data + 100  # inside the last sample's image
-    (folder / "shard-000002.tar").write_bytes(data[:cut])
-    whole.unlink()
-    valid += [f"shard-000002.tar/t{i}" for i in range(3)]
-    expected["truncated_shard"] = 1
-    return valid, expected
-
-
-def make_stream(folder: Path, seed: int = 0, batch_size: int = 1, counts: list[int] | None = None) -> ShardStream:
-    urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
-    transform = SampleTransform(resolution=32, limits=ImageLimits(min_side=16, max_pixels=100_000), flip_prob=0.5)
+def make_stream(
+    infos: list[ShardInfo],
+    *,
+    world_size: int = 1,
+    rank: int = 0,
+    workers: int = 1,
+    batch: int = 1,
+    remainder: str = "wrap",
+    seed: int = 0,
+) -> ShardStream:
+    transform = SampleTransform(resolution=32, limits=LIMITS, flip_prob=0.5)
     return ShardStream(
-        urls,
-        counts or [18, 18, 3],
-        batch_size=batch_size,
-        num_workers=1,
-        rank=0,
-        world_size=1,
-        transform=transform,
-        storage=Storage(),
-        seed=seed,
-        shuffle_buffer=8,
+        infos, batch, workers, rank, world_size, transform, Storage(), seed=seed, shuffle_buffer=8, remainder=remainder
     )
 
 
-@pytest.fixture()
-def corpus(tmp_path: Path) -> tuple[Path, list[str], dict[str, int], Path]:
-    marker = tmp_path / "unpickled.txt"
-    valid, expected = write_bad_corpus(tmp_path / "shards", marker)
-    return tmp_path / "shards", valid, expected, marker
-
-
-def test_bad_samples_are_skipped_and_counted(corpus) -> None:
-    folder, valid, expected, marker = corpus
-    # One reader over all three shards, asked for one sample more than the valid ones: it reads the whole
-    # first pass (so every bad sample is met and counted) and takes one sample from a second pass.
-    stream = make_stream(folder, counts=[len(valid) + 1, 0, 0])
-    stream.assignment = [[0, 1, 2]]
-    samples = list(stream)
-    assert sorted(s["key"] for s in samples[:-1]) == sorted(valid)
-    assert not marker.exists(), "a pickle member was unpickled"
-    counts = dict(zip(ALL_REASONS, samples[-1]["data_bad"].tolist(), strict=True))
-    assert counts["truncated_shard"] == 1 and counts["extra_pass"] == 1
-    num_raw_first_pass = len(valid) + sum(expected.values()) - expected["truncated_shard"]
-    extra = {r: counts[r] - expected[r] for r in expected if r not in ("truncated_shard", "extra_pass")}
-    # Bad samples met in the second pass before its first valid one are counted again, nothing else.
-    assert all(v >= 0 for v in extra.values()), counts
-    assert sum(extra.values()) == samples[-1]["data_position"] - num_raw_first_pass - 1, counts
-    assert all(s["pixel_values"].shape == (3, 32, 32) for s in samples)
-    assert all(-1.0 <= float(s["pixel_values"].min()) and float(s["pixel_values"].max()) <= 1.0 for s in samples)
-    assert next(s for s in samples if s["key"].endswith("/s0001"))["caption"] == "sample s0001"  # from .json
-
-
-def test_order_is_seeded(corpus) -> None:
-    folder, valid, _, _ = corpus
-
-    def keys(seed: int, epoch: int = 0) -> list[str]:
-        stream = make_stream(folder, seed=seed, counts=[len(valid), 0, 0])
-        stream.assignment = [[0, 1, 2]]
+def run_epoch(
+    infos: list[ShardInfo], world_size: int, workers: int, batch: int, remainder: str, epoch: int = 0
+) -> tuple[list[str], Counter]:
+    """Every reader of every rank through one epoch: the keys yielded and the counts each reader ended with."""
+    keys: list[str] = []
+    counts: Counter = Counter()
+    for rank in range(world_size):
+        stream = make_stream(infos, world_size=world_size, rank=rank, workers=workers, batch=batch, remainder=remainder)
         stream.epoch = epoch
-        return [s["key"] for s in stream]
+        for worker in range(workers):
+            samples = list(stream.worker_samples(worker))
+            assert len(samples) == stream.batches_per_worker * batch
+            keys += [s["key"] for s in samples]
+            counts.update(dict(zip(ALL_REASONS, samples[-1]["data_bad"].tolist(), strict=True)))
+    return keys, counts
+
+
+@pytest.mark.parametrize(
+    ("world_size", "workers", "batch", "remainder"),
+    [(1, 1, 1, "wrap"), (2, 2, 3, "wrap"), (1, 4, 2, "drop"), (2, 2, 4, "drop"), (3, 2, 4, "wrap"), (1, 2, 4, "wrap")],
+)
+def test_every_valid_sample_once_per_epoch_and_every_skip_once(
+    corpus: Corpus, shard_infos: list[ShardInfo], world_size: int, workers: int, batch: int, remainder: str
+) -> None:
+    """3 shards (24 valid samples) on 1 to 8 readers: the readers share shards by sample index; `wrap`
+    repeats exactly the shortfall, `drop` leaves out exactly the remainder; skips and conversions are counted
+    once per epoch, over two epochs, and no pickle is ever loaded."""
+    num_readers = world_size * workers
+    used = samples_per_reader(24, num_readers, batch, remainder) * num_readers
+    for epoch in range(2):
+        keys, counts = run_epoch(shard_infos, world_size, workers, batch, remainder, epoch)
+        assert len(keys) == used
+        if remainder == "wrap":
+            assert set(keys) == set(corpus.valid), "a valid sample was never yielded"
+            assert len(keys) - len(set(keys)) == used - 24, "repeats beyond the stated wrap-around"
+        else:
+            assert len(set(keys)) == len(keys) and set(keys) <= set(corpus.valid)
+        skipped = {
+            r: counts[r] for r in ALL_REASONS if counts[r] and r not in EVENTS and not r.startswith("converted_")
+        }
+        assert skipped == corpus.skipped, f"epoch {epoch}"
+        if remainder == "wrap" and used == 24:
+            assert {r.removeprefix("converted_"): n for r, n in counts.items() if r.startswith("converted_") and n} == (
+                corpus.converted
+            )
+        assert all(counts[e] == 0 for e in EVENTS), "an extra pass or reopen on local shards"
+    assert not corpus.marker.exists(), "a pickle member was unpickled"
+
+
+def test_drop_leaves_out_a_different_window_each_epoch(shard_infos: list[ShardInfo]) -> None:
+    left_out = [set(run_epoch(shard_infos, 1, 2, 5, "drop", epoch)[0]) for epoch in range(3)]
+    assert all(len(keys) == 20 for keys in left_out)
+    assert len({frozenset(keys) for keys in left_out}) > 1
+
+
+def test_samples_are_converted_and_decoded(corpus: Corpus, shard_infos: list[ShardInfo]) -> None:
+    stream = make_stream(shard_infos, batch=24)
+    samples = {s["key"]: s for s in stream.worker_samples(0)}
+    assert sorted(samples) == sorted(corpus.valid)
+    assert all(s["pixel_values"].shape == (3, 32, 32) for s in samples.values())
+    assert all(
+        -1.0 <= float(s["pixel_values"].min()) <= float(s["pixel_values"].max()) <= 1.0 for s in samples.values()
+    )
+    captions = {s["caption"]: s for s in samples.values()}
+    cyan = [
+        captions[f"a {kind} image"]["pixel_values"].mean(dim=(1, 2))
+        for kind in ("cmyk_adobe", "cmyk_plain", "cmyk_icc")
+    ]
+    for colour in cyan:  # (0, 255, 255) in [-1, 1], whichever way the CMYK was stored
+        assert colour[0] < -0.8 and colour[1] > 0.8 and colour[2] > 0.8, colour
+    assert next(s for k, s in samples.items() if k.endswith("/000000002"))["caption"] == "sample 000000002"  # .json
+
+
+def test_order_is_seeded(shard_infos: list[ShardInfo]) -> None:
+    def keys(seed: int, epoch: int = 0) -> list[str]:
+        stream = make_stream(shard_infos, seed=seed, batch=4)
+        stream.epoch = epoch
+        return [s["key"] for s in stream.worker_samples(0)]
 
     first = keys(0)
     assert keys(0) == first
@@ -154,30 +134,85 @@ def test_order_is_seeded(corpus) -> None:
     assert keys(0, epoch=1) != first
 
 
-def test_resume_continues_the_stream(corpus) -> None:
-    folder, valid, _, _ = corpus
-    stream = make_stream(folder, counts=[len(valid), 0, 0])
-    stream.assignment = [[0, 1, 2]]
-    full = list(stream)
-    k = 10
+@pytest.mark.parametrize("stop", [1, 5, 9])
+def test_resume_continues_the_stream(shard_infos: list[ShardInfo], stop: int) -> None:
+    """Two workers of one rank over 3 shards: after `stop` batches, a resumed stream yields the rest exactly."""
+    stream = make_stream(shard_infos, workers=2, batch=2)
+    full = {w: list(stream.worker_samples(w)) for w in range(2)}
+    batches = [full[b % 2][(b // 2) * 2 : (b // 2) * 2 + 2] for b in range(stream.batches_per_worker * 2)]
+    done = batches[:stop]
+    last = {b % 2: done[b][-1] for b in range(stop)}  # each worker's last consumed sample
     stream.resume = EpochResume(
         epoch=0,
-        batches_done=k,
-        positions={0: full[k - 1]["data_position"]},
-        bad_counts={0: full[k - 1]["data_bad"].tolist()},
+        batches_done=stop,
+        positions={w: s["data_position"] for w, s in last.items()},
+        bad_counts={w: s["data_bad"].tolist() for w, s in last.items()},
     )
-    rest = list(stream)
-    assert [s["key"] for s in rest] == [s["key"] for s in full[k:]]
-    assert all(a["pixel_values"].equal(b["pixel_values"]) for a, b in zip(rest, full[k:], strict=True))
-    assert rest[-1]["data_bad"].tolist() == full[-1]["data_bad"].tolist()
+    rest = {w: list(stream.worker_samples(w)) for w in range(2)}  # physical w plays logical (w + stop) % 2
+    resumed = [
+        rest[(b - stop) % 2][((b - stop) // 2) * 2 : ((b - stop) // 2) * 2 + 2] for b in range(stop, len(batches))
+    ]
+    assert [[s["key"] for s in b] for b in resumed] == [[s["key"] for s in b] for b in batches[stop:]]
+    assert all(
+        a["pixel_values"].equal(b["pixel_values"])
+        for x, y in zip(resumed, batches[stop:], strict=True)
+        for a, b in zip(x, y, strict=True)
+    )
+    for physical in range(2):  # each reader ends with the counts of the uninterrupted epoch
+        if rest[physical]:
+            logical = (physical + stop) % 2
+            assert rest[physical][-1]["data_bad"].tolist() == full[logical][-1]["data_bad"].tolist()
 
 
-def test_too_few_shards_for_readers_is_a_clear_error(corpus) -> None:
-    folder, _, _, _ = corpus
-    urls = sorted(str(p) for p in folder.glob("shard-*.tar"))
-    transform = SampleTransform(resolution=32, limits=ImageLimits(16, 100_000))
-    with pytest.raises(ValueError, match="data.shards: 3 shard"):
-        ShardStream(urls, [18, 18, 3], 1, num_workers=2, rank=0, world_size=2, transform=transform, storage=Storage())
+def test_too_few_samples_for_the_readers_is_a_clear_error(shard_infos: list[ShardInfo]) -> None:
+    with pytest.raises(ValueError, match=r"data.batch_size: 24 valid samples .* 8 readers .* data.remainder: wrap"):
+        make_stream(shard_infos, world_size=2, workers=4, batch=4, remainder="drop")
+
+
+def _random_shards(rng: np.random.Generator) -> list[ShardInfo]:
+    shards = []
+    for index in range(int(rng.integers(1, 6))):
+        num_raw = int(rng.integers(0, 40))
+        bad = {int(p): "undecodable_image" for p in np.flatnonzero(rng.random(num_raw) < 0.2)}
+        shards.append(ShardInfo(f"s{index}.tar", num_raw - len(bad), num_raw, bad))
+    return shards
+
+
+def test_plan_partitions_every_epoch(seed: int = 0) -> None:
+    """200 random layouts: the kept ranges cover each valid sample once (plus the stated repeats), and the
+    counted ranges cover each bad sample exactly once."""
+    rng = np.random.default_rng(seed)
+    checked = 0
+    while checked < 200:
+        shards = _random_shards(rng)
+        total = sum(s.num_valid for s in shards)
+        readers, batch, remainder = int(rng.integers(1, 9)), int(rng.integers(1, 5)), str(rng.choice(["wrap", "drop"]))
+        if total == 0 or samples_per_reader(total, readers, batch, remainder) == 0:
+            continue
+        plan = plan_epoch(shards, readers, batch, remainder, seed=3, epoch=int(rng.integers(0, 5)))
+        valid_seen: Counter = Counter()
+        bad_counted: Counter = Counter()
+        for reader in range(readers):
+            kept = 0
+            for segment in plan.segments[reader]:
+                shard = shards[segment.shard]
+                for position in range(segment.raw_start, segment.raw_end):
+                    if position in shard.bad:
+                        bad_counted[(segment.shard, position)] += segment.count
+                    else:
+                        valid_seen[(segment.shard, position)] += 1
+                        kept += 1
+            for segment in plan.counted_only[reader]:
+                for position in range(segment.raw_start, segment.raw_end):
+                    if position in shards[segment.shard].bad:
+                        bad_counted[(segment.shard, position)] += 1
+            assert kept == plan.per_reader
+        all_bad = {(i, p) for i, s in enumerate(shards) for p in s.bad}
+        assert set(bad_counted) == all_bad and set(bad_counted.values()) <= {1}
+        assert sum(valid_seen.values()) == plan.per_reader * readers
+        assert sum(n - 1 for n in valid_seen.values()) == plan.repeated
+        assert len(valid_seen) == total - plan.dropped
+        checked += 1
 
 
 def test_our_shards_read_with_plain_webdataset(synth_shards: Path) -> None:

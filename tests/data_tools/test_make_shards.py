@@ -15,9 +15,10 @@ from data_tools.synth import synth
 from sdtune.data.manifest import read_manifest
 from sdtune.fileio import sha256_file
 from sdtune.storage import Storage
+from tests.helpers.corpus import write_foreign_corpus
 
 
-def test_folder_with_sidecars_and_bad_inputs(tmp_path: Path) -> None:
+def test_folder_with_sidecars_and_bad_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = synth(tmp_path / "images", num_images=10, size=64, seed=1)
     (source / "000003.txt").unlink()  # missing caption
     (source / "000004.txt").write_text("  ")  # empty caption
@@ -26,20 +27,18 @@ def test_folder_with_sidecars_and_bad_inputs(tmp_path: Path) -> None:
     (source / "cmyk.txt").write_text("a cmyk image")
     Image.new("RGB", (10, 10)).save(source / "tiny.png")
     (source / "tiny.txt").write_text("too small")
-    manifest = make_shards(source, tmp_path / "shards", resolution=32, samples_per_shard=3)
-    assert manifest.num_samples == 7 and [s.num_samples for s in manifest.shards] == [3, 3, 1]
-    assert manifest.skipped == {
-        "missing_caption": 1,
-        "empty_caption": 1,
-        "undecodable_image": 1,
-        "bad_mode": 1,
-        "too_small": 1,
-    }
-    assert read_manifest(str(tmp_path / "shards"), Storage()).num_samples == 7
+    (source / "orphan.txt").write_text("a caption whose image is gone")
+    manifest = make_shards(str(source), tmp_path / "shards", resolution=32, samples_per_shard=3)
+    assert manifest.num_samples == 8 and [s.num_samples for s in manifest.shards] == [3, 3, 2]
+    assert manifest.skipped == {"missing_caption": 1, "empty_caption": 1, "undecodable_image": 1, "too_small": 1}
+    assert manifest.converted == {"cmyk": 1}
+    summary = capsys.readouterr().out
+    assert "images without a caption: 1; captions without an image: 1 (orphan.txt)" in summary
+    assert read_manifest(str(tmp_path / "shards"), Storage()).num_samples == 8
     for entry in manifest.shards:
         assert sha256_file(tmp_path / "shards" / entry.name) == entry.sha256
     samples = list(wds.WebDataset(str(tmp_path / "shards" / "shard-{000000..000002}.tar"), shardshuffle=False))
-    assert len(samples) == 7
+    assert len(samples) == 8
     image = Image.open(io.BytesIO(samples[0]["jpg"]))
     assert image.size == (32, 32)
     assert json.loads(samples[0]["json"])["source"] == "000000.png"
@@ -54,7 +53,7 @@ def test_table_input(tmp_path: Path, suffix: str) -> None:
         table.write_text("path,caption\n" + "".join(f"{r['path']},{r['caption']}\n" for r in rows))
     else:
         table.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = make_shards(table, tmp_path / "shards", resolution=32, samples_per_shard=10)
+    manifest = make_shards(str(table), tmp_path / "shards", resolution=32, samples_per_shard=10)
     assert manifest.num_samples == 4
     captions = [s["txt"].decode() for s in wds.WebDataset(str(tmp_path / "shards" / "shard-000000.tar"))]
     assert captions == [f"caption {i}" for i in range(4)]
@@ -62,4 +61,17 @@ def test_table_input(tmp_path: Path, suffix: str) -> None:
 
 def test_bad_source_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="make_shards --source"):
-        make_shards(tmp_path / "nothing.txt", tmp_path / "out")
+        make_shards(str(tmp_path / "nothing.txt"), tmp_path / "out")
+
+
+def test_reshard_foreign_shards(tmp_path: Path) -> None:
+    """Tar shards as the source: every convertible image kept and converted, every bad sample reported by
+    reason, into smaller shards that the loader trusts without reading them."""
+    corpus = write_foreign_corpus(tmp_path / "foreign", tmp_path / "unpickled.txt")
+    manifest = make_shards(str(corpus.folder), tmp_path / "small", resolution=64, samples_per_shard=5)
+    assert manifest.num_samples == 24 and [s.num_samples for s in manifest.shards] == [5, 5, 5, 5, 4]
+    assert manifest.skipped == corpus.skipped
+    assert manifest.converted == corpus.converted
+    sources = [json.loads(s["json"])["source"] for s in wds.WebDataset(str(tmp_path / "small" / "shard-000000.tar"))]
+    assert sources[0] == "00000.tar/000000000"
+    assert not corpus.marker.exists()

@@ -16,6 +16,7 @@ from data_tools.remote import upload, verify
 from sdtune.checkpoint.layout import MANIFEST
 from sdtune.checkpoint.remote import StorageRemote
 from sdtune.data.decode import ImageLimits
+from sdtune.data.plan import ShardInfo
 from sdtune.data.stream import SampleTransform, ShardStream
 from sdtune.storage import Storage, reopen_count
 from sdtune.storage.settings import S3Settings
@@ -106,7 +107,7 @@ def test_stream_from_s3_through_faults_equals_local(
 
     def samples(urls: list[str], storage: Storage) -> list[tuple[str, bytes]]:
         stream = ShardStream(
-            urls, [16] * 4, batch_size=4, num_workers=1, rank=0, world_size=1, transform=transform, storage=storage
+            [ShardInfo.all_valid(u, 16) for u in urls], batch_size=4, num_workers=1, rank=0, world_size=1, transform=transform, storage=storage
         )
         return [(s["key"], s["pixel_values"].numpy().tobytes()) for s in stream]
 
