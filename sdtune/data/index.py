@@ -73,7 +73,7 @@ class _HashingReader:
         return data
 
     def finish(self) -> tuple[str, int]:
-        while data := self.read(1 << 20):
+        while self.read(1 << 20):
             pass
         return self._hash.hexdigest(), self.num_bytes
 

@@ -93,8 +93,8 @@ def describe_remainder(total: int, num_readers: int, batch_size: int, remainder:
     if used == total:
         return f"{total} valid samples fill {num_readers} reader(s) x {per_reader // batch_size} batch(es) exactly"
     if remainder == "wrap":
-        return f"{total} valid samples; data.remainder=wrap repeats {used - total} of them per epoch to fill the last batches"
-    return f"{total} valid samples; data.remainder=drop leaves out {total - used} per epoch (a different window each epoch)"
+        return f"{total} valid samples; data.remainder=wrap repeats {used - total} per epoch to fill the last batches"
+    return f"{total} valid samples; data.remainder=drop leaves out {total - used} per epoch (a new window each epoch)"
 
 
 class _Sequence:

@@ -106,9 +106,8 @@ def test_stream_from_s3_through_faults_equals_local(
     transform = SampleTransform(resolution=64, limits=ImageLimits(min_side=32, max_pixels=10**7))
 
     def samples(urls: list[str], storage: Storage) -> list[tuple[str, bytes]]:
-        stream = ShardStream(
-            [ShardInfo.all_valid(u, 16) for u in urls], batch_size=4, num_workers=1, rank=0, world_size=1, transform=transform, storage=storage
-        )
+        shards = [ShardInfo.all_valid(u, 16) for u in urls]
+        stream = ShardStream(shards, 4, num_workers=1, rank=0, world_size=1, transform=transform, storage=storage)
         return [(s["key"], s["pixel_values"].numpy().tobytes()) for s in stream]
 
     local = samples(Storage().expand_urls(str(synth_shards)), Storage())
