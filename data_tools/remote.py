@@ -51,7 +51,8 @@ def upload(
     manifest_path = source / MANIFEST_NAME
     if not manifest_path.is_file():
         raise FileNotFoundError(
-            f"{manifest_path}: no manifest; make the folder with `python -m data_tools make_shards`"
+            f"{manifest_path}: no manifest; for shards made elsewhere write one with `sdtune data index --shards "
+            f"{source}`, or make the folder from images with `sdtune data make-shards --source <images> --out {source}`"
         )
     manifest = DatasetManifest.from_json(manifest_path.read_text(), str(manifest_path))
     for shard in manifest.shards:
@@ -82,7 +83,9 @@ def verify(dataset: str, num_workers: int = 8, s3: S3Settings | None = None) -> 
     storage = Storage(s3)
     manifest = read_manifest(dataset, storage)
     if manifest is None:
-        raise FileNotFoundError(f"{join(dataset, MANIFEST_NAME)}: no manifest; upload with data_tools upload")
+        raise FileNotFoundError(
+            f"{join(dataset, MANIFEST_NAME)}: no manifest; write one with `sdtune data index --shards {dataset}`"
+        )
 
     def check(shard) -> str:
         url = join(dataset, shard.name)

@@ -72,13 +72,72 @@ def build_pipeline(
     )
 
 
-def _check_source(pretrained: str) -> None:
-    if pretrained in _PRESETS or Path(pretrained).is_dir():
+# What each part needs in a diffusers folder: its config, and its weights as safetensors (any name: sharded
+# and variant files count). The tokenizer and scheduler have no weights.
+_PART_FILES = {
+    "unet": "config.json",
+    "vae": "config.json",
+    "text_encoder": "config.json",
+    "tokenizer": "tokenizer_config.json",
+    "scheduler": "scheduler_config.json",
+}
+_WEIGHTED = ("unet", "vae", "text_encoder")
+
+
+def _looks_local(pretrained: str) -> bool:
+    """A path rather than a Hub id: starts with `.`, `/` or `~`, exists, or its first part is a local folder
+    (`models/sd15` while ./models exists)."""
+    path = Path(pretrained).expanduser()
+    return (
+        pretrained.startswith((".", "/", "~")) or path.exists() or len(path.parts) > 1 and Path(path.parts[0]).is_dir()
+    )
+
+
+def missing_files(folder: Path, parts: tuple[str, ...]) -> list[str]:
+    """Files a diffusers folder lacks for `parts` ("" for a standalone model: config and weights at the top)."""
+    missing = []
+    for part in parts:
+        where = folder / part if part else folder
+        config = _PART_FILES.get(part, "config.json")
+        if not (where / config).is_file():
+            missing.append(f"{part}/{config}" if part else config)
+        if (part in _WEIGHTED or not part) and not any(where.glob("*.safetensors")):
+            missing.append(f"{part}/*.safetensors" if part else "*.safetensors")
+    return missing
+
+
+def _check_source(pretrained: str, parts: tuple[str, ...]) -> None:
+    """Refuse, in one line and without a network call, a local folder that is missing or incomplete, and a
+    Hub id that cannot load offline."""
+    if pretrained in _PRESETS:
         return
-    if pretrained.startswith((".", "/", "~")) or not _HUB_ID.match(pretrained):
+    if _looks_local(pretrained):
+        folder = Path(pretrained).expanduser()
+        if not folder.is_dir():
+            raise ValueError(
+                f"model.pretrained: folder {pretrained} not found (relative paths start at {Path.cwd()}); give a "
+                "diffusers model folder, a Hub id like 'stable-diffusion-v1-5/stable-diffusion-v1-5', "
+                f"or '{TINY_PRESET}'"
+            )
+        missing = missing_files(folder, parts)
+        if missing:
+            raise ValueError(
+                f"model.pretrained: {pretrained} is not a complete diffusers model folder: missing "
+                f"{', '.join(missing)}; save one with pipeline.save_pretrained(folder, safe_serialization=True)"
+            )
+        return
+    if not _HUB_ID.match(pretrained):
         raise ValueError(
             f"model.pretrained: {pretrained!r} is neither a local diffusers folder nor a Hub id "
             f"like 'stable-diffusion-v1-5/stable-diffusion-v1-5'; use '{TINY_PRESET}' for the offline preset"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    probe = f"{parts[0]}/{_PART_FILES.get(parts[0], 'config.json')}" if parts[0] else "config.json"
+    if constants.HF_HUB_OFFLINE and not isinstance(try_to_load_from_cache(pretrained, probe), str):
+        raise ValueError(
+            f"model.pretrained: {pretrained} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and "
+            f"HF_HUB_OFFLINE is set; run `hf download {pretrained}` where there is network, or give a local folder"
         )
 
 
@@ -87,7 +146,7 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
 
     `pretrained` is a Hub id, a local diffusers folder, or "tiny" for seeded random-init components.
     """
-    _check_source(pretrained)
+    _check_source(pretrained, tuple(_PART_FILES))
     if pretrained in _PRESETS:
         unet, vae, text_encoder = _PRESETS[pretrained]
         tokenizer = tiny.tiny_tokenizer()
@@ -113,7 +172,7 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
 def load_vae(pretrained: str, revision: str | None = None, subfolder: str | None = "vae") -> AutoencoderKL:
     """An SD VAE from a preset name, a Hub id or a local folder (`subfolder` None for a standalone VAE
     repo such as stabilityai/sd-vae-ft-mse)."""
-    _check_source(pretrained)
+    _check_source(pretrained, (subfolder or "",))
     if pretrained in _PRESETS:
         return _PRESETS[pretrained][1]()
     return AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, revision=revision, use_safetensors=True)
