@@ -36,6 +36,15 @@ def synth_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def one_shard_30(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small end of a dataset-size sweep: 30 synthetic 64x64 captioned images in one shard."""
+    root = tmp_path_factory.mktemp("thirty")
+    synth(root / "images", num_images=30, size=64, seed=3)
+    make_shards(root / "images", root / "shards", resolution=64, samples_per_shard=30)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
 def digit_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """15 of sklearn's digits per class at 32 px: labelled image shards and tiny-VAE latent shards (4x16x16)."""
     from data_tools.digits import digits
