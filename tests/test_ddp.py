@@ -51,6 +51,7 @@ def ddp_config(run_dir: Path, shards: Path, *, model: dict | None = None, max_st
         devices=2,
         strategy="ddp",
         max_steps=max_steps,
+        max_epochs=-1,  # max_steps ends it (5 epochs of 4 steps)
     )
 
 
@@ -178,7 +179,9 @@ def test_three_kills_then_the_same_run(tmp_path: Path, one_shard_30: Path, ddp_r
     end as in the uninterrupted run (rank 0's step history, weights, EMA, per-rank weight fingerprints)."""
     run_dir = tmp_path / "run"
     config = ddp_config(run_dir, one_shard_30)
-    checkpoint_steps = sorted(set(range(5, MAX_STEPS + 1, 5)) | set(range(BATCHES_PER_EPOCH, MAX_STEPS + 1, BATCHES_PER_EPOCH)))
+    checkpoint_steps = sorted(
+        set(range(5, MAX_STEPS + 1, 5)) | set(range(BATCHES_PER_EPOCH, MAX_STEPS + 1, BATCHES_PER_EPOCH))
+    )
     plan = kill_plan(21, checkpoint_steps, BATCHES_PER_EPOCH, ["step", "writing", "boundary"])
     assert max(kill.step for kill in plan) < MAX_STEPS, plan
     for kill in plan:

@@ -348,6 +348,12 @@ class ShardDataModule(L.LightningDataModule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved, current = state["layout"], self._layout()
         saved = {"remainder": "wrap", "epoch_plan": 1} | saved  # checkpoints from before either existed
+        if saved["epoch_plan"] != current["epoch_plan"]:
+            raise ValueError(
+                "data: this checkpoint's data position is from an sdtune that cut epochs into readers differently "
+                f"(epoch plan {saved['epoch_plan']}, now {current['epoch_plan']}); resume it with that version, "
+                "or start the run again"
+            )
         changed = [f"{k}: {saved[k]} -> {current[k]}" for k in saved if saved[k] != current.get(k)]
         if changed:
             raise ValueError(
