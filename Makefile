@@ -41,7 +41,7 @@ system-deps:
 	else echo "slurm-wlm/munge/chromium missing and not root: the SLURM/browser tests will be skipped"; fi
 
 test: lint system-deps
-	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=15
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: setup $(QS)/shards/manifest.json
 	$(BIN)/python -m sdtune.bench --config configs/quickstart.yaml
