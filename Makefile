@@ -40,8 +40,11 @@ system-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge chromium >/dev/null; \
 	else echo "slurm-wlm/munge/chromium missing and not root: the SLURM/browser tests will be skipped"; fi
 
+# Two test processes, one file each at a time (a file's fixtures, such as its SLURM cluster or DDP reference
+# run, stay in one process); one torch thread per process, since two processes of two OpenMP threads each on
+# 2 cores spin against each other and run several times slower.
 test: lint system-deps
-	WANDB_MODE=offline $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
+	WANDB_MODE=offline OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=15
 
 bench: setup $(QS)/shards/manifest.json
 	$(BIN)/python -m sdtune.bench --config configs/quickstart.yaml
