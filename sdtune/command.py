@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,18 @@ def is_user_error(err: BaseException) -> bool:
     return isinstance(err, ValueError | OSError) or bool(names & {"NoCredentialsError", "PartialCredentialsError"})
 
 
+# jsonargparse reports an error raised while building a `class_path` object as a failure to match each type of
+# the option's Union; the model's own message is the first of those errors.
+_UNION_ERRORS = re.compile(r"Does not validate against any of the Union subtypes .*? Errors: - (.*?) - Expected a ")
+
+
+def user_message(err: BaseException) -> str:
+    """One line for the user: the library's message on one line, or the object's own message inside it."""
+    message = " ".join(str(err).split())
+    match = _UNION_ERRORS.search(message)
+    return match.group(1) if match else message
+
+
 def run(name: str, args: list[str]) -> None:
     """Run one command; only the module of the (sub)command that runs is imported."""
     if name in LIGHTNING:
@@ -124,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         if debug or not is_user_error(err):
             raise
-        message = " ".join(str(err).split())  # one line, whatever the library's message looked like
-        print(f"sdtune {name}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        print(f"sdtune {name}: error: {user_message(err)} (--debug shows the traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -84,7 +84,7 @@ USER_MISTAKES = {
     "unreadable manifest": (_broken_manifest, "unreadable shard manifest"),
     "hub id not available offline": (
         lambda tmp, shards: ["--data.init_args.shards", str(shards), "--model.init_args.pretrained", "nobody/no-model"],
-        "model.pretrained: cannot load 'nobody/no-model'",
+        "model.pretrained: nobody/no-model is not in the local Hub cache",
     ),
     "wrong --resume folder": (
         lambda tmp, shards: ["--data.init_args.shards", str(shards), "--resume", str(tmp)],

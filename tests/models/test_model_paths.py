@@ -78,15 +78,17 @@ def test_uncached_hub_id_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
 
 def test_cli_says_it_in_one_line(tmp_path: Path) -> None:
+    folder = tmp_path / "sd15"
     result = subprocess.run(
         [
             sys.executable,
-            str(REPO / "train.py"),
+            "-m",
+            "sdtune",
             "fit",
             "--config",
             str(REPO / "configs" / "quickstart.yaml"),
             "--model.init_args.pretrained",
-            str(tmp_path / "sd15"),
+            str(folder),
             "--trainer.default_root_dir",
             str(tmp_path / "run"),
         ],
@@ -96,7 +98,8 @@ def test_cli_says_it_in_one_line(tmp_path: Path) -> None:
         text=True,
         timeout=300,
     )
-    assert result.returncode != 0
-    errors = [line for line in result.stderr.splitlines() if "model.pretrained" in line]
-    assert errors and "not found" in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sdtune fit: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert errors[0].startswith(f"sdtune fit: error: model.pretrained: folder {folder} not found"), errors[0]
+    assert "Traceback" not in result.stderr and "Union" not in errors[0]
