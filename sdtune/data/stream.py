@@ -144,7 +144,7 @@ class ShardStream(IterableDataset):
             if segment.raw_start <= position < segment.raw_end:
                 reason = shard.bad.get(position)
                 if reason is None:
-                    yield raw
+                    yield raw if count else raw | {"__repeat__": "1"}  # a repeat's conversion is not counted again
                 elif count:
                     errors[reason] = errors.get(reason, 0) + 1
             position += 1
@@ -247,7 +247,7 @@ class ShardStream(IterableDataset):
             try:
                 sample = self._decode(raw)
             except BadSample as bad_sample:
-                bad[ALL_REASONS.index(bad_sample.reason)] += 1
+                bad[ALL_REASONS.index(bad_sample.reason)] += "__repeat__" not in raw
                 bad_run += 1
                 if bad_run > max_bad_run:
                     raise RuntimeError(f"data reader {global_worker}: no valid sample in {bad_run} in a row") from None
@@ -256,7 +256,7 @@ class ShardStream(IterableDataset):
                 bad[ALL_REASONS.index(reason)] += number - errors_before.get(reason, 0)
             errors_before = dict(errors)
             conversion = sample.pop("conversion", None)
-            if conversion is not None:
+            if conversion is not None and "__repeat__" not in raw:
                 bad[ALL_REASONS.index(conversion)] += 1
             bad_run = 0
             num_yielded += 1
