@@ -165,10 +165,7 @@ class ShardDataModule(L.LightningDataModule):
         if problem is None:
             assert manifest is not None
             entries = {s.name: s for s in manifest.shards}
-            return [
-                ShardInfo(u, e.num_samples, e.total_raw, e.bad_positions(), e.truncated)
-                for u, e in ((u, entries[n]) for u, n in zip(urls, names, strict=True))
-            ]
+            return [entries[name].shard_info(url) for url, name in zip(urls, names, strict=True)]
         trainer = self.trainer
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
         key = hashlib.sha256(f"{folder}|{spec}".encode()).hexdigest()[:16]
@@ -191,7 +188,7 @@ class ShardDataModule(L.LightningDataModule):
             scans[other::world_size] = results
         for scan in scans:
             scan_log.add(scan)  # rank 0 keeps the other ranks' results too
-        return [scan.info(u) for scan, u in zip(scans, urls, strict=True)]
+        return [scan.entry.shard_info(url) for scan, url in zip(scans, urls, strict=True)]
 
     def _stream(
         self, spec: str, option: str, transform: SampleTransform, num_workers: int, **kwargs: Any

@@ -32,7 +32,6 @@ from sdtune.data.decode import (
     decode_image_converted,
 )
 from sdtune.data.manifest import DatasetManifest, ShardEntry
-from sdtune.data.plan import ShardInfo
 from sdtune.data.tar_stream import RawSample, iter_tar_samples
 from sdtune.storage import Storage
 
@@ -88,10 +87,6 @@ class ShardScan:
     converted: dict[str, int] = field(default_factory=dict)
     members: dict[str, int] = field(default_factory=dict)  # samples holding each kind of member
     labels: list[int] = field(default_factory=list)  # distinct `.cls` values seen
-
-    def info(self, url: str) -> ShardInfo:
-        e = self.entry
-        return ShardInfo(url, e.num_samples, e.total_raw, e.bad_positions(), e.truncated)
 
     def to_json(self) -> dict:
         return asdict(self)

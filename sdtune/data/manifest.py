@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from sdtune.data.plan import ShardInfo
 from sdtune.fileio import write_text_atomic
 from sdtune.storage import Storage, join
 
@@ -34,6 +35,10 @@ class ShardEntry:
     @property
     def total_raw(self) -> int:
         return self.num_samples + len(self.bad) if self.num_raw is None else self.num_raw
+
+    def shard_info(self, url: str) -> ShardInfo:
+        """What the epoch plan needs of this shard, read from `url`."""
+        return ShardInfo(url, self.num_samples, self.total_raw, self.bad_positions(), self.truncated)
 
 
 @dataclass

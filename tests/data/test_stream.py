@@ -30,7 +30,8 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Corpus:
 @pytest.fixture(scope="module")
 def shard_infos(corpus: Corpus) -> list[ShardInfo]:
     urls = sorted(str(p) for p in corpus.folder.glob("*.tar"))
-    return [scan.info(url) for scan, url in zip(index_shards(urls, Storage(), LIMITS, None), urls, strict=True)]
+    scans = index_shards(urls, Storage(), LIMITS, None)
+    return [scan.entry.shard_info(url) for scan, url in zip(scans, urls, strict=True)]
 
 
 def make_stream(
