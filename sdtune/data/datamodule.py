@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from sdtune.data.decode import ImageLimits, parse_colour
 from sdtune.data.index import ScanLog, checks_of, index_shards
 from sdtune.data.latents import LatentSettings
-from sdtune.data.manifest import DatasetManifest, dataset_url, read_manifest
+from sdtune.data.manifest import DatasetManifest, dataset_url, read_manifest, read_manifest_file
 from sdtune.data.plan import REMAINDERS, ShardInfo, describe_remainder
 from sdtune.data.stream import ALL_REASONS, EpochResume, SampleTransform, ShardStream
 from sdtune.distributed import gather_objects
@@ -87,6 +87,7 @@ class ShardDataModule(L.LightningDataModule):
         max_image_pixels: int = 64_000_000,
         alpha_background: str = "white",
         remainder: str = "wrap",
+        manifest: str | None = None,
         val_shards: str | None = None,
     ) -> None:
         """
@@ -106,6 +107,8 @@ class ShardDataModule(L.LightningDataModule):
             alpha_background: Colour that transparent images (RGBA, LA, P with transparency) are flattened on.
             remainder: When the valid samples do not fill every reader's batches evenly: `wrap` repeats a
                 few samples to fill them, `drop` leaves a few out (a different window each epoch).
+            manifest: The `shards`' manifest.json when it cannot sit beside them (a read-only hf:// dataset:
+                `sdtune data index --shards hf://datasets/... --out DIR` writes one to DIR); local or a URL.
             val_shards: Held-out shards for `val/loss` (center crop, no flip, no caption dropout, same
                 samples, noise and timesteps in every run, so runs can be compared).
         """
@@ -121,6 +124,7 @@ class ShardDataModule(L.LightningDataModule):
         if remainder not in REMAINDERS:
             raise ValueError(f"data.remainder: {remainder!r} is not one of {list(REMAINDERS)}")
         self.remainder = remainder
+        self.manifest = manifest
         self.shards = shards
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -154,11 +158,19 @@ class ShardDataModule(L.LightningDataModule):
         """Read shards through `storage` (built by the CLI from the config's settings)."""
         self.storage = storage
 
+    def _manifest(self, spec: str) -> DatasetManifest | None:
+        """The training shards' manifest: `data.manifest` if set, else the one beside them (None if none)."""
+        if self.manifest is None:
+            return read_manifest(dataset_url(spec, self.storage), self.storage)
+        if not self.storage.exists(self.manifest):
+            raise FileNotFoundError(f"data.manifest: {self.manifest} not found; check the path or leave it unset")
+        return read_manifest_file(self.manifest, self.storage)
+
     def _shard_infos(self, urls: list[str], spec: str, option: str) -> list[ShardInfo]:
         """Valid samples and known bad ones per shard: from the manifest when it fits this run's checks,
         else counted once by reading the shards (split over ranks) and kept in the run folder."""
         folder = dataset_url(spec, self.storage)
-        manifest = read_manifest(folder, self.storage)
+        manifest = self._manifest(spec) if option == "shards" else read_manifest(folder, self.storage)
         checks = checks_of(self.transform.limits)
         names = [os.path.basename(u) for u in urls]
         problem = _manifest_problem(manifest, names, checks)
@@ -213,7 +225,7 @@ class ShardDataModule(L.LightningDataModule):
 
     def _check_latent_shards(self) -> None:
         """Latent shards fix resolution, crop and flip at encoding time: refuse settings they cannot honour."""
-        manifest = read_manifest(dataset_url(self.shards, self.storage), self.storage)
+        manifest = self._manifest(self.shards)
         if manifest is None or not manifest.latents:
             return
         settings = LatentSettings.from_json(manifest.latents)

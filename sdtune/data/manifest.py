@@ -95,6 +95,11 @@ def read_manifest(dataset_url: str, storage: Storage) -> DatasetManifest | None:
     url = join(dataset_url, MANIFEST_NAME)
     if not storage.exists(url):
         return None
+    return read_manifest_file(url, storage)
+
+
+def read_manifest_file(url: str, storage: Storage) -> DatasetManifest:
+    """A manifest file anywhere (e.g. one `data index --out` wrote for a read-only dataset)."""
     with storage.open_read(url) as f:
         return DatasetManifest.from_json(f.read().decode("utf-8"), url)
 

@@ -81,3 +81,32 @@ def test_index_in_s3_prefix_then_verify(tmp_path: Path, s3_settings: S3Settings,
     assert [len(s["bad"]) for s in remote["shards"]] == [7, 6, 0] and remote["shards"][2]["truncated"]
     assert len(verify(f"s3://{s3_bucket}/scraped", s3=s3_settings)["ok"]) == 3
     assert not corpus.marker.exists()
+
+
+def test_manifest_kept_apart_from_read_only_shards(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`index --out DIR` for shards that cannot take a manifest (a read-only hf:// dataset); `data.manifest` points
+    training at it, so nothing is counted at start."""
+    from sdtune.data.datamodule import ShardDataModule
+
+    monkeypatch.chdir(tmp_path)  # without a trainer, a count at start is kept under ./data_index
+    corpus = write_foreign_corpus(tmp_path / "foreign", tmp_path / "unpickled.txt")
+    index(str(corpus.folder), out=tmp_path / "kept", resolution=64)
+    assert not (corpus.folder / MANIFEST_NAME).exists() and (tmp_path / "kept" / MANIFEST_NAME).exists()
+
+    def setup(**options: object) -> ShardDataModule:
+        datamodule = ShardDataModule(str(corpus.folder), batch_size=4, num_workers=0, resolution=64, **options)
+        datamodule.setup("fit")
+        return datamodule
+
+    with caplog.at_level("WARNING"):
+        counted = setup()
+    assert "no manifest.json" in caplog.text and (tmp_path / "data_index").is_dir()
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        kept = setup(manifest=str(tmp_path / "kept" / MANIFEST_NAME))
+    assert "counting valid samples" not in caplog.text
+    assert kept.train_stream.shards == counted.train_stream.shards and kept.train_stream.num_valid == 24
+    with pytest.raises(FileNotFoundError, match="data.manifest: .* not found"):
+        setup(manifest=str(tmp_path / "nowhere.json"))
