@@ -235,9 +235,7 @@ def make_shards(
                 num_written += 1
     if num_written == 0:
         raise ValueError(f"make_shards: no usable image in {source} (skipped: {dict(skipped)})")
-    manifest = sink.close(dict(skipped), classes)
-    manifest.converted = dict(sorted(converted.items()))
-    manifest.write(out)
+    manifest = sink.close(dict(skipped), classes, converted=dict(converted))
     no_caption = skipped.get("missing_caption", 0)
     print(
         f"wrote {num_written} samples in {len(manifest.shards)} shards to {out}; skipped {sum(skipped.values())}: "

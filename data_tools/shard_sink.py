@@ -80,7 +80,11 @@ class ShardSink:
         self.shards.append(ShardEntry(final.name, self._num_in_shard, sha256_file(final), final.stat().st_size))
 
     def close(
-        self, skipped: dict[str, int] | None = None, classes: list[str] | None = None, latents: dict | None = None
+        self,
+        skipped: dict[str, int] | None = None,
+        classes: list[str] | None = None,
+        latents: dict | None = None,
+        converted: dict[str, int] | None = None,
     ) -> DatasetManifest:
         """Finish the last shard and write the manifest (class names and latent settings pass through)."""
         if self._writer is not None:
@@ -91,6 +95,7 @@ class ShardSink:
             skipped=dict(skipped or {}),
             classes=classes,
             latents=latents,
+            converted=dict(sorted((converted or {}).items())),
         )
         manifest.write(self.out)
         return manifest
