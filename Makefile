@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 QS := data/quickstart
 DIGITS := data/digits
 
-.PHONY: setup system-deps quickstart test lint bench bench-remote latent-data latent-benchmark latent-report clean
+.PHONY: setup system-deps quickstart test lint bench bench-remote latent-data latent-benchmark latent-report tiny-model clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -78,3 +78,9 @@ latent-report: latent-data
 
 clean:
 	rm -rf $(VENV) runs data
+
+# Re-train tiny-pretrained (sdtune/models/tiny_pretrained: VAE, UNet, checker, figures, model card) from
+# scratch: under an hour on 2 CPU cores. Resumes by stage; WORK keeps data and runs (rm -r it for a fresh run).
+WORK ?= runs/tiny_model
+tiny-model: setup
+	WANDB_MODE=offline $(BIN)/python -m sdtune tiny-model --work $(WORK)

@@ -4,7 +4,7 @@
     sdtune data make-shards|index|verify|upload|subsets|encode-latents|synth|digits ...
     sdtune sweep plan|run|report ...      sdtune slurm render ...      sdtune bench ...
     sdtune bench-remote ...               sdtune latent benchmark|report|baselines ...
-    sdtune gpu-check --out DIR [--dry_run true]
+    sdtune gpu-check --out DIR [--dry_run true]     sdtune tiny-model [--out DIR]
 
 Each command's module is imported only when that command runs, so `sdtune --help` and `sdtune data
 make-shards` start without torch. A user mistake (a bad path or option value, an unreadable manifest,
@@ -59,6 +59,9 @@ COMMANDS = {
     "bench": Command("training, overhead and data-pipeline throughput", {"": "sdtune.bench:main"}),
     "gpu-check": Command("the recipe table of a CUDA machine (--dry_run true: on CPU)", {"": "sdtune.gpu_check:main"}),
     "bench-remote": Command("S3/R2 loader and checkpoint publishing", {"": "sdtune.bench_remote:main"}),
+    "tiny-model": Command(
+        "re-train tiny-pretrained from scratch (make tiny-model)", {"": "sdtune.research.tiny_model.recipe:tiny_model"}
+    ),
     "latent": Command(
         "latent-space studies",
         {

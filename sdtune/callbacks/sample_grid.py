@@ -8,9 +8,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from diffusers import DDIMScheduler
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
 from PIL import Image
@@ -19,20 +17,9 @@ from sdtune.callbacks.ema import EMA
 from sdtune.checkpoint.layout import checkpoint_tag, due
 from sdtune.checkpoint.writer import PendingCheckpoint, free_gradients
 from sdtune.contracts import ImageData, Sampleable, find_callback, require
-from sdtune.models.components import build_pipeline
+from sdtune.models.sampling import generate, labelled_grid
 
 log = logging.getLogger(__name__)
-
-
-def make_grid(images: np.ndarray, num_rows: int) -> Image.Image:
-    """(N, H, W, 3) floats in [0, 1], row-major -> one image with `num_rows` rows."""
-    num_images, height, width, _ = images.shape
-    num_cols = num_images // num_rows
-    grid = Image.new("RGB", (num_cols * width, num_rows * height), (255, 255, 255))
-    for index, array in enumerate(images):
-        tile = Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8))
-        grid.paste(tile, ((index % num_cols) * width, (index // num_cols) * height))
-    return grid
 
 
 def samples_dir(trainer: L.Trainer) -> Path:
@@ -77,30 +64,28 @@ class SampleGrid(Callback):
             require(pl_module, Sampleable, "SampleGrid")
 
     @torch.no_grad()
-    def render(self, pl_module: L.LightningModule, resolution: int) -> Image.Image:
+    def render(self, pl_module: L.LightningModule, resolution: int, title: str = "") -> Image.Image:
+        """The grid: a row per prompt (labelled with it), a column per seed, `title` on top."""
         m = pl_module
-        scheduler = DDIMScheduler.from_config(m.noise_scheduler.config)
-        pipeline = build_pipeline(m.unet, m.vae, m.text_encoder, m.tokenizer, scheduler)
-        pipeline.set_progress_bar_config(disable=True)
         prompts = [p for p in self.prompts for _ in self.seeds]
-        generators = [torch.Generator(device=pl_module.device).manual_seed(s) for _ in self.prompts for s in self.seeds]
-        was_training = pl_module.unet.training
-        pl_module.unet.eval()
+        seeds = [s for _ in self.prompts for s in self.seeds]
         # Sampling must not disturb the training RNG streams (exact resume depends on them), and runs under the
         # training precision's autocast: with bf16-mixed the frozen text encoder and VAE are bf16, the UNet fp32.
-        forked = torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else [])
-        with forked, pl_module.trainer.precision_plugin.forward_context():
-            images = pipeline(
+        forked = torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else [])
+        with forked, m.trainer.precision_plugin.forward_context():
+            images = generate(
+                m.unet,
+                m.vae,
+                m.text_encoder,
+                m.tokenizer,
+                m.noise_scheduler.config,
                 prompts,
-                height=resolution,
-                width=resolution,
-                num_inference_steps=self.num_inference_steps,
-                guidance_scale=self.guidance_scale,
-                generator=generators,
-                output_type="np",
-            ).images  # (N, H, W, 3) in [0, 1]
-        pl_module.unet.train(was_training)
-        return make_grid(np.asarray(images, dtype=np.float32), num_rows=len(self.prompts))
+                seeds,
+                self.num_inference_steps,
+                self.guidance_scale,
+                resolution,
+            )
+        return labelled_grid(images, self.prompts, [f"seed {s}" for s in self.seeds], title)
 
     def _resolution(self, trainer: L.Trainer) -> int:
         if self.resolution is not None:
@@ -113,7 +98,9 @@ class SampleGrid(Callback):
         free_gradients(trainer, pl_module)
         ema = find_callback(trainer, EMA)
         with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
-            grid = self.render(pl_module, self._resolution(trainer))
+            title = f"step {trainer.global_step} (epoch {trainer.current_epoch})"
+            title += f", guidance {self.guidance_scale}, {self.num_inference_steps} DDIM steps"
+            grid = self.render(pl_module, self._resolution(trainer), title)
         if trainer.is_global_zero:
             path.parent.mkdir(parents=True, exist_ok=True)
             grid.save(path)

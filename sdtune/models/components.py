@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -20,6 +21,28 @@ _PRESETS = {
     TINY_PRESET: (tiny.tiny_unet, tiny.tiny_vae, tiny.tiny_text_encoder),
     SD15_SHAPED_PRESET: (tiny.sd15_shaped_unet, tiny.sd15_shaped_vae, tiny.sd15_shaped_text_encoder),
 }
+
+
+# A small latent diffusion model the project trains (`sdtune tiny-model`); its weights ship in this package.
+TINY_PRETRAINED = "tiny-pretrained"
+
+
+def tiny_pretrained_folder() -> Path:
+    """The shipped `tiny-pretrained` diffusers folder (with its model card and `checker/`)."""
+    return Path(__file__).parent / "tiny_pretrained"
+
+
+def resolve_pretrained(pretrained: str) -> str:
+    """`tiny-pretrained` -> its shipped folder; any other name is returned as it is."""
+    if pretrained != TINY_PRETRAINED:
+        return pretrained
+    folder = tiny_pretrained_folder()
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(
+            f"model.pretrained: {TINY_PRETRAINED}'s weights are not in {folder}; restore them with "
+            f"`git checkout -- {folder}` or re-train them with `make tiny-model`"
+        )
+    return str(folder)
 
 
 def preset_builders(name: str) -> tuple[Callable[..., Any], ...]:
@@ -144,15 +167,18 @@ def _check_source(pretrained: str, parts: tuple[str, ...]) -> None:
 def load_components(pretrained: str, revision: str | None = None) -> SDComponents:
     """Load UNet, VAE, text encoder, tokenizer and training scheduler (safetensors weights only).
 
-    `pretrained` is a Hub id, a local diffusers folder, or "tiny" for seeded random-init components.
+    `pretrained` is a Hub id, a local diffusers folder, "tiny" for seeded random-init components, or
+    "tiny-pretrained" for the small model the project trains. Weights load in float32 whatever their file's
+    dtype (training keeps fp32 master weights; autocast makes the bf16 copies).
     """
+    pretrained = resolve_pretrained(pretrained)
     _check_source(pretrained, tuple(_PART_FILES))
     if pretrained in _PRESETS:
         unet, vae, text_encoder = _PRESETS[pretrained]
         tokenizer = tiny.tiny_tokenizer()
         return SDComponents(unet(), vae(), text_encoder(tokenizer), tokenizer, tiny.tiny_scheduler())
     common = {"revision": revision}
-    weights = {"revision": revision, "use_safetensors": True}
+    weights = {"revision": revision, "use_safetensors": True, "torch_dtype": torch.float32}
     try:
         return SDComponents(
             unet=UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
@@ -172,10 +198,13 @@ def load_components(pretrained: str, revision: str | None = None) -> SDComponent
 def load_vae(pretrained: str, revision: str | None = None, subfolder: str | None = "vae") -> AutoencoderKL:
     """An SD VAE from a preset name, a Hub id or a local folder (`subfolder` None for a standalone VAE
     repo such as stabilityai/sd-vae-ft-mse)."""
+    pretrained = resolve_pretrained(pretrained)
     _check_source(pretrained, (subfolder or "",))
     if pretrained in _PRESETS:
         return _PRESETS[pretrained][1]()
-    return AutoencoderKL.from_pretrained(pretrained, subfolder=subfolder, revision=revision, use_safetensors=True)
+    return AutoencoderKL.from_pretrained(
+        pretrained, subfolder=subfolder, revision=revision, use_safetensors=True, torch_dtype=torch.float32
+    )
 
 
 def vae_scale_factor(vae: AutoencoderKL) -> int:

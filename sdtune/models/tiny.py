@@ -19,10 +19,12 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 TINY_SEED = 0
 # Words of the synthetic captions (data_tools.synth) get whole-word merges, so the tiny tokenizer
 # produces a few tokens per word instead of one per byte.
-_TINY_WORDS = (
-    "a photo of red green blue yellow purple orange white black small large circle square triangle "
-    "on background with and the in picture shape"
-).split()
+_TINY_WORDS = tuple(
+    (
+        "a photo of red green blue yellow purple orange white black small large circle square triangle "
+        "on background with and the in picture shape"
+    ).split()
+)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -39,12 +41,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def write_tiny_tokenizer(folder: Path) -> Path:
-    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP BPE tokenizer."""
+def write_tiny_tokenizer(folder: Path, words: tuple[str, ...] = _TINY_WORDS) -> Path:
+    """Write vocab.json, merges.txt and tokenizer_config.json of a small CLIP BPE tokenizer whose `words` are
+    single tokens (any other text still tokenizes, byte by byte)."""
     symbols = list(_bytes_to_unicode().values())
     vocab_list = symbols + [s + "</w>" for s in symbols]
     merges: list[str] = []
-    for word in _TINY_WORDS:
+    for word in words:
         # Merge left to right: ((w o) r) d</w> ... ends in the whole word with its end-of-word marker.
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         current = pieces[0]
@@ -72,10 +75,10 @@ def write_tiny_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def tiny_tokenizer() -> CLIPTokenizer:
+def tiny_tokenizer(words: tuple[str, ...] = _TINY_WORDS) -> CLIPTokenizer:
     """Load the generated tokenizer; checks its size because some transformers 5 paths yield 2 tokens."""
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny_tokenizer(Path(tmp))
+        folder = write_tiny_tokenizer(Path(tmp), words)
         tokenizer = CLIPTokenizer.from_pretrained(folder, local_files_only=True)
         expected = len(json.loads((folder / "vocab.json").read_text()))
     assert len(tokenizer) == expected, f"tiny tokenizer has {len(tokenizer)} tokens, expected {expected}"
@@ -169,3 +172,46 @@ def sd15_shaped_vae() -> AutoencoderKL:
 def sd15_shaped_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """CLIP ViT-L/14's text tower shape (12 layers, width 768) over the tiny tokenizer's vocabulary."""
     return _text_encoder(tokenizer, width=768, mlp_width=3072, heads=12, layers=12)
+
+
+# ---- tiny-pretrained: the architecture of the model `sdtune tiny-model` trains (weights ship in the repo) ----
+# Its tokenizer also knows the words of the extended shapes, the held-out colour and the digit captions.
+PRETRAINED_WORDS = _TINY_WORDS + ("medium", "diamond", "cross", "pink", "handwritten", "digit")
+
+
+def tiny_pretrained_vae(seed: int = TINY_SEED) -> AutoencoderKL:
+    """3 blocks (32, 64, 64 channels), one ResNet layer each, no mid-block attention, 4 latent channels:
+    64x64 pixels -> 16x16x4 latents (downsampling 4; SD's is 8). ~0.9M parameters."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=16,
+        mid_block_add_attention=False,
+    )
+
+
+def tiny_pretrained_unet(seed: int = TINY_SEED) -> UNet2DConditionModel:
+    """16x16x4 latents; 3 levels (64, 128, 128 channels) with cross-attention at 16x16 and 8x8. ~5.8M."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+
+
+def tiny_pretrained_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
+    """A 2-layer CLIP text tower of width 64; `sdtune tiny-model` keeps it frozen at its seeded init."""
+    return _text_encoder(tokenizer, width=64, mlp_width=128, heads=4, layers=2)

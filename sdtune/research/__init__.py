@@ -1,0 +1,1 @@
+"""Research-wing recipes that build on the core (e.g. the `tiny-pretrained` model)."""
