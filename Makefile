@@ -1,10 +1,10 @@
-# make quickstart: set up .venv and run the tiny fine-tune on synthetic shards (CPU, a few minutes)
+# make quickstart: set up .venv and fine-tune tiny-pretrained on a colour it never saw (CPU, a few minutes)
 # make test:       set up .venv and run lint + the whole test suite
 # make latent-benchmark / latent-report: digits -> latent shards -> classifier benchmark / HTML report
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-QS := data/quickstart
+QS := data/quickstart/pink
 DIGITS := data/digits
 
 .PHONY: setup system-deps quickstart test lint bench bench-remote latent-data latent-benchmark latent-report tiny-model clean
@@ -20,12 +20,13 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 $(QS)/shards/manifest.json: | setup
-	$(BIN)/python -m data_tools synth --out $(QS)/images --num_images 64 --size 64
+	$(BIN)/python -m data_tools synth --out $(QS)/images --num_images 64 --size 64 --colors '[pink]' \
+	  --shapes '[circle,square,triangle,diamond,cross]' --sizes '[small,medium,large]'
 	$(BIN)/python -m data_tools make_shards --source $(QS)/images --out $(QS)/shards --resolution 64 --samples_per_shard 16
 
 quickstart: setup $(QS)/shards/manifest.json
 	WANDB_MODE=offline $(BIN)/python train.py fit --config configs/quickstart.yaml --resume auto
-	@echo "checkpoints: runs/quickstart/checkpoints  sample grids: runs/quickstart/samples"
+	@echo "checkpoints: runs/quickstart/checkpoints  sample grids: runs/quickstart/samples  checker: runs/quickstart/checker_score.json"
 
 lint: setup
 	$(BIN)/ruff check .
@@ -53,9 +54,9 @@ bench: setup $(QS)/shards/manifest.json
 bench-remote: setup
 	$(BIN)/python scripts/local_s3.py $(BIN)/python -m sdtune.bench_remote --endpoint_url {endpoint} --bucket sdtune-bench --create_bucket true
 
-# Latent workloads on sklearn's bundled digits with the tiny random VAE (offline). For the real experiment,
-# encode with an SD VAE: make latent-report VAE=stable-diffusion-v1-5/stable-diffusion-v1-5 SIZE=256
-VAE ?= tiny
+# Latent workloads on sklearn's bundled digits with tiny-pretrained's VAE (offline; a real learned latent space,
+# 16x16x4 at 64 px, not SD's). For SD's latent space: make latent-report VAE=stable-diffusion-v1-5/stable-diffusion-v1-5 SIZE=256
+VAE ?= tiny-pretrained
 SIZE ?= 64
 $(DIGITS)/latents/manifest.json: | setup
 	$(BIN)/python -m data_tools digits --out $(DIGITS)/images --size $(SIZE)

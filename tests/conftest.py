@@ -46,14 +46,15 @@ def one_shard_30(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def digit_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """15 of sklearn's digits per class at 32 px: labelled image shards and tiny-VAE latent shards (4x16x16)."""
+    """15 of sklearn's digits per class at 64 px: labelled image shards and latent shards (4x16x16) from
+    tiny-pretrained's VAE, a real learned latent space (these digits were in its training set)."""
     from data_tools.digits import digits
     from data_tools.encode_latents import encode_latents
 
     root = tmp_path_factory.mktemp("digits")
-    digits(root / "images", size=32, max_per_class=15)
-    make_shards(root / "images", root / "shards", resolution=32, samples_per_shard=50, class_folders=True)
-    encode_latents(str(root / "shards"), str(root / "latents"), batch_size=32)
+    digits(root / "images", size=64, max_per_class=15)
+    make_shards(root / "images", root / "shards", resolution=64, samples_per_shard=50, class_folders=True)
+    encode_latents(str(root / "shards"), str(root / "latents"), vae="tiny-pretrained", batch_size=32)
     return root / "shards", root / "latents"
 
 

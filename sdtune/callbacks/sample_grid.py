@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import WandbLogger
@@ -20,6 +21,36 @@ from sdtune.contracts import ImageData, Sampleable, find_callback, require
 from sdtune.models.sampling import generate, labelled_grid
 
 log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def render_images(
+    pl_module: L.LightningModule,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+) -> np.ndarray:
+    """One image per (prompt, seed) from a `Sampleable` module's current weights: (N, H, W, 3) in [0, 1].
+
+    Sampling does not disturb the training RNG streams (exact resume depends on them), and runs under the
+    training precision's autocast: with bf16-mixed the frozen text encoder and VAE are bf16, the UNet fp32."""
+    m = pl_module
+    forked = torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else [])
+    with forked, m.trainer.precision_plugin.forward_context():
+        return generate(
+            m.unet,
+            m.vae,
+            m.text_encoder,
+            m.tokenizer,
+            m.noise_scheduler.config,
+            prompts,
+            seeds,
+            num_inference_steps,
+            guidance_scale,
+            resolution,
+        )
 
 
 def samples_dir(trainer: L.Trainer) -> Path:
@@ -63,28 +94,11 @@ class SampleGrid(Callback):
         if stage == "fit":
             require(pl_module, Sampleable, "SampleGrid")
 
-    @torch.no_grad()
     def render(self, pl_module: L.LightningModule, resolution: int, title: str = "") -> Image.Image:
         """The grid: a row per prompt (labelled with it), a column per seed, `title` on top."""
-        m = pl_module
         prompts = [p for p in self.prompts for _ in self.seeds]
         seeds = [s for _ in self.prompts for s in self.seeds]
-        # Sampling must not disturb the training RNG streams (exact resume depends on them), and runs under the
-        # training precision's autocast: with bf16-mixed the frozen text encoder and VAE are bf16, the UNet fp32.
-        forked = torch.random.fork_rng(devices=[m.device] if m.device.type == "cuda" else [])
-        with forked, m.trainer.precision_plugin.forward_context():
-            images = generate(
-                m.unet,
-                m.vae,
-                m.text_encoder,
-                m.tokenizer,
-                m.noise_scheduler.config,
-                prompts,
-                seeds,
-                self.num_inference_steps,
-                self.guidance_scale,
-                resolution,
-            )
+        images = render_images(pl_module, prompts, seeds, self.num_inference_steps, self.guidance_scale, resolution)
         return labelled_grid(images, self.prompts, [f"seed {s}" for s in self.seeds], title)
 
     def _resolution(self, trainer: L.Trainer) -> int:

@@ -46,15 +46,28 @@ def _table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_page(sections: list[Section], settings: LatentSettings, num_samples: int, real_vae: bool) -> str:
-    caveat = (
-        ""
-        if real_vae
-        else '<p class="note">These latents come from a <b>randomly initialised test VAE</b> (the offline "tiny" '
-        "preset): its latents are a random projection of the pixels and its reconstructions are noise. The page "
-        "shows how the analysis works; run the same command on latents from a real Stable Diffusion VAE for "
-        "the real experiment.</p>"
-    )
+def vae_note(vae: str) -> str:
+    """What the page's numbers mean for the VAE that made the latents."""
+    if vae in ("tiny", "sd15-random"):
+        return (
+            '<p class="note">These latents come from a <b>randomly initialised test VAE</b> (the offline "'
+            f'{html.escape(vae)}" preset): its latents are a random projection of the pixels and its reconstructions '
+            "are noise. The page shows how the analysis works; run the same command on latents from a real "
+            "Stable Diffusion VAE for the real experiment.</p>"
+        )
+    if vae == "tiny-pretrained":
+        return (
+            '<p class="note">These latents come from <b>tiny-pretrained</b>\'s VAE: a real, learned latent space '
+            "(16x16x4 at 64 px, downsampling 4), trained by sdtune on synthetic shapes and on digits 0-1599 (the "
+            "held-out digits were never seen). It is not Stable Diffusion's VAE (64x64x4 at 512 px, trained on "
+            "LAION): the numbers show what a small learned latent space keeps, not what SD's keeps; encode with "
+            "an SD VAE for that experiment.</p>"
+        )
+    return ""
+
+
+def render_page(sections: list[Section], settings: LatentSettings, num_samples: int, vae: str) -> str:
+    caveat = vae_note(vae)
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>Latent space report</title>",

@@ -298,8 +298,7 @@ def report(
         sections.append(benchmark_section(benchmark))
 
     out.mkdir(parents=True, exist_ok=True)
-    real_vae = settings.vae not in ("tiny", "sd15-random")
-    page = render_page(sections, settings, len(latent_table), real_vae)
+    page = render_page(sections, settings, len(latent_table), settings.vae)
     (out / "report.html").write_text(page, encoding="utf-8")
     (out / "report.json").write_text(json.dumps(numbers, indent=2) + "\n")
     print(f"wrote {out / 'report.html'} ({len(page) // 1024} KiB) and {out / 'report.json'}")

@@ -27,9 +27,11 @@ def train_config(
     model: dict | None = None,
     **trainer: object,
 ) -> Path:
-    """The quickstart config with a CSV logger (losses per step), the given callbacks, trainer overrides, and
-    `data`/`model` init_args overrides (`model` may carry a `class_path`)."""
+    """The quickstart config on the random `tiny` preset (fast; these runs test training mechanics, not images)
+    with a CSV logger (losses per step), the given callbacks, trainer overrides, and `data`/`model` init_args
+    overrides (`model` may carry a `class_path`)."""
     config = yaml.safe_load(QUICKSTART.read_text())
+    config["model"]["init_args"]["pretrained"] = "tiny"
     config["data"]["init_args"].update(data or {})
     model = dict(model or {})
     config["model"]["class_path"] = model.pop("class_path", config["model"]["class_path"])
@@ -151,9 +153,10 @@ def _read_back(file: IO[bytes]) -> str:
 
 
 def quickstart_callbacks(**checkpoint: object) -> list[dict]:
-    """The quickstart config's callbacks (EMA, sample grid, data stats, checkpoints), with `checkpoint` init_args
-    overrides for its PeriodicCheckpoint."""
+    """The quickstart config's callbacks (EMA, sample grid, data stats, checkpoints; not its checker score, which
+    judges images and needs tiny-pretrained), with `checkpoint` init_args overrides for its PeriodicCheckpoint."""
     callbacks = yaml.safe_load(QUICKSTART.read_text())["trainer"]["callbacks"]
+    callbacks = [c for c in callbacks if not c["class_path"].endswith("CheckerScore")]
     for callback in callbacks:
         if callback["class_path"].endswith("PeriodicCheckpoint"):
             callback["init_args"].update(checkpoint)

@@ -52,7 +52,7 @@ def test_decoded_augmentation_gives_pixel_classifiers_images(digit_data: tuple[P
     data = ClassificationDataModule(str(shards), latents=str(latents), augment=[Interpolate()], synthetic_only=True)
     data.setup("fit")
     inputs, labels = data.training_set()
-    assert inputs.shape == (120, 3, 32, 32) and inputs.min() >= -1 and inputs.max() <= 1
+    assert inputs.shape == (120, 3, 64, 64) and inputs.min() >= -1 and inputs.max() <= 1
     assert torch.equal(labels, data.train.labels)
     with pytest.raises(ValueError, match="data.latents: augmenting a pixel classifier"):
         ClassificationDataModule(str(shards), augment=[Interpolate()]).setup("fit")

@@ -226,8 +226,9 @@ sklearn's upscaled 8x8 digit scans only.
   "a photo of a large red circle on a blue background".
 - Held out of pretraining: the (shape, colour) pairs {", ".join(settings["held_out_pairs"])} (the
   text-to-image figures ask for them) and the colour `{settings["new_concept"]}` (the quickstart teaches it).
-- sklearn's handwritten digits 0-1599 (`data_tools digits`, 64 px), captioned "a handwritten digit 7";
-  digits 1600-1796 are held out.
+- sklearn's handwritten digits, the first {settings["digits_per_class"]} of each class (`data_tools digits`,
+  64 px, {record["data"]["digits"]["pretrain"]} images), captioned "a handwritten digit 7"; the last 20 of each
+  class ({record["data"]["digits"]["heldout"]}) are held out.
 
 ## Training (`make tiny-model`, = `sdtune tiny-model`)
 

@@ -5,7 +5,7 @@ the UNet stage resumes inside its training run with `--resume auto`):
 
 1. data      the pretraining images: coloured shapes (5 shapes, 8 colours, 3 sizes, 8 backgrounds) without
              the held-out (shape, colour) pairs and without pink, plus sklearn's digits 0-1599 captioned
-             "a handwritten digit N"; held-out images (other seeds, digits 1600+) for the figures
+             "a handwritten digit N"; held-out images (other seeds, digits 1600-1796) for the figures
 2. vae       the KL autoencoder (`vae.py`), on the pretraining images
 3. init      a diffusers folder: that VAE, a random UNet, a frozen random CLIP text encoder, the tokenizer
 4. latents   image shards -> latent shards with that VAE (`data_tools encode_latents`)
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 # (shape, colour) pairs never seen in pretraining: the text-to-image figures ask for them.
 HELD_OUT_PAIRS = ("circle:green", "square:purple", "triangle:orange", "diamond:red", "cross:blue")
 NEW_CONCEPT = "pink"  # a colour kept out of pretraining: the quickstart teaches it
-HELD_OUT_DIGITS_FROM = 1600  # sklearn digits with this index or higher are in no training set
+HELD_OUT_DIGITS_FROM = 1600  # sklearn's digits with this index or higher are in no training set
 
 
 def _stage(work: Path, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -64,13 +64,20 @@ def _stage(work: Path, name: str, run: Callable[[], dict[str, Any]]) -> dict[str
     return result
 
 
-def _split_digits(work: Path) -> dict[str, Any]:
-    """sklearn's digits: 0-1599 into the pretraining set, the rest held out."""
+def _split_digits(work: Path, per_class: int | None) -> dict[str, Any]:
+    """sklearn's digits 0-1599 (the first `per_class` of each class, when given) into the pretraining set,
+    1600-1796 held out."""
     everything = digits(work / "data" / "all_digits", size=64)
     counts = {"pretrain": 0, "heldout": 0}
+    kept: dict[str, int] = {}
     for path in sorted(everything.rglob("*.png")):
         part = "pretrain" if int(path.stem) < HELD_OUT_DIGITS_FROM else "heldout"
-        target = work / "data" / part / "digits" / path.parent.name
+        label = path.parent.name
+        if part == "pretrain" and per_class is not None:
+            kept[label] = kept.get(label, 0) + 1
+            if kept[label] > per_class:
+                continue
+        target = work / "data" / part / "digits" / label
         target.mkdir(parents=True, exist_ok=True)
         for sidecar in (path, path.with_suffix(".txt")):
             sidecar.replace(target / sidecar.name)
@@ -79,7 +86,7 @@ def _split_digits(work: Path) -> dict[str, Any]:
     return counts
 
 
-def build_data(work: Path, num_shapes: int, seed: int) -> dict[str, Any]:
+def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: int) -> dict[str, Any]:
     pretrain = work / "data" / "pretrain"
     for leftover in (work / "data", work / "shards"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -93,7 +100,7 @@ def build_data(work: Path, num_shapes: int, seed: int) -> dict[str, Any]:
         exclude=list(HELD_OUT_PAIRS),
     )
     synth(work / "data" / "heldout" / "shapes", num_images=300, seed=seed + 1, shapes=list(SHAPES), sizes=list(SIZES))
-    digit_counts = _split_digits(work)
+    digit_counts = _split_digits(work, digits_per_class)
     manifest = make_shards(str(pretrain), work / "shards", resolution=64, samples_per_shard=256)
     return {
         "shapes": num_shapes,
@@ -207,6 +214,7 @@ def tiny_model(
     out: Path | None = None,
     work: Path = Path("runs/tiny_model"),
     num_shapes: int = 5000,
+    digits_per_class: int | None = None,
     vae_steps: int = 3000,
     unet_epochs: int = 12,
     unet_config: Path = Path("configs/tiny_model/unet.yaml"),
@@ -221,7 +229,8 @@ def tiny_model(
     Args:
         out: The model folder written (default: `sdtune/models/tiny_pretrained`, the one that ships).
         work: Working folder: data, shards, latents, training runs, stage records (resumable).
-        num_shapes: Synthetic shape images for pretraining (with the digits 0-1599).
+        num_shapes: Synthetic shape images for pretraining.
+        digits_per_class: Keep at most this many of the pretraining digits per class (default: all of 0-1599).
         vae_steps: VAE optimizer steps (batch 16, 32x32 crops).
         unet_epochs: UNet epochs over the latent shards (batch 32).
         unet_config: The UNet's training config (paths and epochs are filled in).
@@ -232,12 +241,14 @@ def tiny_model(
         seed: Seed of the data, the initialisations and the training runs' noise.
     """
     out = out or tiny_pretrained_folder()
-    for config in (unet_config, checker_config):
+    for option, config in (("unet_config", unet_config), ("checker_config", checker_config)):
         if not config.is_file():
-            raise ValueError(f"tiny-model: config {config} not found; run from the repository root or give --{config}")
+            raise ValueError(
+                f"tiny-model --{option}: {config} not found; run from the repository root or give the config's path"
+            )
     started = time.monotonic()
     record: dict[str, Any] = {}
-    record["data"] = _stage(work, "data", lambda: build_data(work, num_shapes, seed))
+    record["data"] = _stage(work, "data", lambda: build_data(work, num_shapes, digits_per_class, seed))
     record["vae"] = _stage(work, "vae", lambda: build_vae(work, vae_steps, seed))
     record["init"] = _stage(work, "init", lambda: build_init(work, seed))
     record["latents"] = _stage(
@@ -254,6 +265,7 @@ def tiny_model(
     record["assemble"] = _stage(work, "assemble", lambda: assemble(work, out, Path(record["unet"]["checkpoint"])))
     settings = {
         "num_shapes": num_shapes,
+        "digits_per_class": digits_per_class,
         "vae_steps": vae_steps,
         "unet_epochs": unet_epochs,
         "checker_images": checker_images,
