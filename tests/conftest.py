@@ -45,6 +45,25 @@ def one_shard_30(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pink_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart's data (as `make quickstart` draws it): 64 pink shapes, a colour tiny-pretrained never
+    saw, in 4 shards of 16."""
+    root = tmp_path_factory.mktemp("pink")
+    shapes = ["circle", "square", "triangle", "diamond", "cross"]
+    synth(
+        root / "images",
+        num_images=64,
+        size=64,
+        seed=0,
+        colors=["pink"],
+        shapes=shapes,
+        sizes=["small", "medium", "large"],
+    )
+    make_shards(root / "images", root / "shards", resolution=64, samples_per_shard=16)
+    return root / "shards"
+
+
+@pytest.fixture(scope="session")
 def digit_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """15 of sklearn's digits per class at 64 px: labelled image shards and latent shards (4x16x16) from
     tiny-pretrained's VAE, a real learned latent space (these digits were in its training set)."""

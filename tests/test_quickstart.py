@@ -21,13 +21,16 @@ from tests.helpers.runs import QUICKSTART, run_train
 pytestmark = pytest.mark.slow
 
 
-def quickstart_config(tmp_path: Path, shards: Path, **model: object) -> tuple[Path, Path]:
+def quickstart_config(tmp_path: Path, shards: Path, checker: bool = True, **model: object) -> tuple[Path, Path]:
     config = yaml.safe_load(QUICKSTART.read_text())
     run_dir = tmp_path / "run"
     config["trainer"]["default_root_dir"] = str(run_dir)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(run_dir)
-    config["trainer"]["max_epochs"] = 2
     config["trainer"]["enable_progress_bar"] = False
+    if not checker:
+        config["trainer"]["callbacks"] = [
+            c for c in config["trainer"]["callbacks"] if "CheckerScore" not in c["class_path"]
+        ]
     config["data"]["init_args"]["shards"] = str(shards)
     config["model"]["init_args"].update(model)
     path = tmp_path / "config.yaml"
@@ -42,16 +45,26 @@ def unet_inputs(unet: UNet2DConditionModel) -> tuple[torch.Tensor, torch.Tensor,
     return sample, torch.tensor([10, 500]), text
 
 
-def test_quickstart_writes_checkpoints_grids_and_loadable_weights(tmp_path: Path, synth_shards: Path) -> None:
-    config, run_dir = quickstart_config(tmp_path, synth_shards)
+def test_quickstart_teaches_tiny_pretrained_pink_with_checkpoints_grids_and_loadable_weights(
+    tmp_path: Path, pink_shards: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`make quickstart` as a user runs it: tiny-pretrained fine-tuned on 64 pink shapes, the colour it never saw."""
+    config, run_dir = quickstart_config(tmp_path, pink_shards)
+    settings = yaml.safe_load(config.read_text())
+    epochs, steps_per_epoch = settings["trainer"]["max_epochs"], 64 // settings["data"]["init_args"]["batch_size"]
     run_train(config, "--resume", "auto")
 
     refs = list_checkpoints(run_dir / "checkpoints")
-    assert [r.path.name for r in refs] == ["epoch=0001-step=000032", "epoch=0000-step=000016"]
+    assert [r.path.name for r in refs] == [
+        f"epoch={epochs - 1:04d}-step={epochs * steps_per_epoch:06d}",
+        f"epoch={epochs - 2:04d}-step={(epochs - 1) * steps_per_epoch:06d}",
+    ]
+    grid_prompts = next(c for c in settings["trainer"]["callbacks"] if c["class_path"].endswith("SampleGrid"))
+    rows, cols = len(grid_prompts["init_args"]["prompts"]), len(grid_prompts["init_args"]["seeds"])
     for ref in refs:
         assert verify_checkpoint(ref.path) is None
         manifest = json.loads((ref.path / "manifest.json").read_text())
-        assert manifest["step"] == ref.step and manifest["base_model"] == "tiny" and manifest["ema"] is True
+        assert manifest["step"] == ref.step and manifest["base_model"] == "tiny-pretrained" and manifest["ema"] is True
         assert {
             "training_state.safetensors",
             "samples.png",
@@ -60,29 +73,35 @@ def test_quickstart_writes_checkpoints_grids_and_loadable_weights(tmp_path: Path
         } <= set(manifest["files"])
         assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in manifest["files"])
         grid = Image.open(ref.path / "samples.png")
-        assert grid.size == (3 * 64, 2 * 64)  # 3 seeds x 2 prompts at 64 px
-    assert sorted(p.name for p in (run_dir / "samples").glob("*.png")) == [
-        "epoch=0000-step=000016.png",
-        "epoch=0001-step=000032.png",
-    ]
+        assert grid.size == (260 + cols * 128, 34 + rows * 128)  # labelled: prompts left, seeds on top, 2x tiles
+    assert len(list((run_dir / "samples").glob("*.png"))) == epochs
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder"
+
+    # The checker judged pink before (the base model draws other colours) and after the fine-tune.
+    score = json.loads((run_dir / "checker_score.json").read_text())
+    assert score["before"]["step"] == 0 and score["after"]["step"] == epochs * steps_per_epoch
+    assert score["before"]["color"] <= 0.2 and score["after"]["color"] >= 0.5, score
+    assert "checker score (20 images" in capfd.readouterr().out
 
     # The exported unet/ loads with plain diffusers and matches the weights the training state holds.
     newest = find_latest_checkpoint(run_dir / "checkpoints")
     exported = UNet2DConditionModel.from_pretrained(newest.path / "unet").eval()
     state = load_state(newest.training_state)
-    module = SDFineTune(pretrained="tiny")
+    module = SDFineTune(pretrained="tiny-pretrained")
     module.load_state_dict(state["state_dict"], strict=False)
     module.unet.eval()
     with torch.no_grad():
         expected = module.unet(*unet_inputs(module.unet)).sample
         actual = exported(*unet_inputs(exported)).sample
     assert torch.equal(actual, expected)
-    assert not torch.equal(module.unet.conv_in.weight, SDFineTune(pretrained="tiny").unet.conv_in.weight)
+    base = SDFineTune(pretrained="tiny-pretrained").unet.conv_in.weight
+    assert not torch.equal(module.unet.conv_in.weight, base)
 
 
 def test_lora_run_exports_an_adapter_diffusers_loads(tmp_path: Path, synth_shards: Path) -> None:
-    config, run_dir = quickstart_config(tmp_path, synth_shards, train_mode="lora", lora_rank=4, learning_rate=1e-3)
+    config, run_dir = quickstart_config(
+        tmp_path, synth_shards, checker=False, pretrained="tiny", train_mode="lora", lora_rank=4, learning_rate=1e-3
+    )
     run_train(config, "--trainer.max_epochs", "1")
     ref = find_latest_checkpoint(run_dir / "checkpoints")
     assert (ref.path / "lora" / "pytorch_lora_weights.safetensors").is_file()

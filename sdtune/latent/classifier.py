@@ -27,8 +27,8 @@ from torch import nn
 
 from sdtune import rng
 from sdtune.contracts import ClassificationData
-from sdtune.eval.classification import classification_metrics
 from sdtune.latent import classifier_nets
+from sdtune.latent.metrics import classification_metrics
 from sdtune.tensorfile import FileContent, TensorFile, replace_values, write_files
 
 NetFactory = Callable[[int, int, int], nn.Module]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from sdtune.data.tables import heldout_split, read_table
-from sdtune.eval.classification import classification_metrics
+from sdtune.latent.metrics import classification_metrics
 from sdtune.storage import Storage
 from sdtune.storage.settings import S3Settings
 

@@ -12,12 +12,12 @@ import torch
 from sdtune.checkpoint.layout import find_latest_checkpoint, verify_checkpoint
 from sdtune.cli import main
 from sdtune.data.tables import heldout_split, read_table
-from sdtune.eval.classification import classification_metrics
 from sdtune.latent import sklearn_baselines
 from sdtune.latent.augment import Interpolate
 from sdtune.latent.benchmark import benchmark
 from sdtune.latent.classification_data import ClassificationDataModule
 from sdtune.latent.classifier import load_classifier
+from sdtune.latent.metrics import classification_metrics
 from sdtune.storage import Storage
 from tests.helpers.runs import REPO, kill_when, run_train
 

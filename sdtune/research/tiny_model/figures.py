@@ -173,6 +173,7 @@ def write_card(
     hashes = "\n".join(f"| `{p.relative_to(folder)}` | {p.stat().st_size:,} | `{sha256_file(p)}` |" for p in files)
     params = figures["parameters"]
     unet = record["unet"]
+    recipe = ", ".join(f"{k} {v}" for k, v in unet.get("recipe", {}).items())
     accuracies = ", ".join(f"{k} {v['val_accuracy']}" for k, v in record["checker"].items() if isinstance(v, dict))
     training_rows = "\n".join(
         [
@@ -180,9 +181,8 @@ def write_card(
             "1e-6 KL, "
             f"AdamW one-cycle 2e-3; scaling factor {record['vae']['scaling_factor']} | {stage_seconds['vae']} |",
             f"| UNet | {params['unet']:,} | `configs/tiny_model/unet.yaml` through `sdtune fit` on latent shards: "
-            f"{unet['epochs']} epochs, {unet['steps']} steps, batch 32, lr 5e-4 cosine, min-SNR 5, caption dropout "
-            f"0.1, EMA 0.999 (shipped, fp16); loss {unet.get('loss_first')} -> {unet.get('loss_last')} | "
-            f"{stage_seconds['unet']} |",
+            f"{unet['epochs']} epochs, {unet['steps']} steps, {recipe}; EMA weights shipped (fp16); loss "
+            f"{unet.get('loss_first')} -> {unet.get('loss_last')} | {stage_seconds['unet']} |",
             f"| text encoder | {params['text_encoder']:,} | frozen at its seeded random init (see below) | - |",
             "| checker | 3 heads | `configs/tiny_model/checker.yaml`: ConvNet (16, 32, 64) per head; held-out "
             f"accuracy {accuracies} | "

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from data_tools.digits import digits
@@ -152,7 +153,34 @@ def build_unet(work: Path, config: Path, epochs: int) -> dict[str, Any]:
     )
     newest = find_latest_checkpoint(run / "checkpoints")
     assert newest is not None, f"no checkpoint in {run}/checkpoints after training"
-    return {"checkpoint": str(newest.path), "epochs": epochs, "steps": newest.step, **figures.loss_curve(run)}
+    return {
+        "checkpoint": str(newest.path),
+        "epochs": epochs,
+        "steps": newest.step,
+        "recipe": unet_recipe(config),
+        **figures.loss_curve(run),
+    }
+
+
+def unet_recipe(config: Path) -> dict[str, Any]:
+    """The UNet config's training settings, for the card."""
+    settings = yaml.safe_load(config.read_text())
+    model, data, trainer = (
+        settings[k]["init_args"] if k != "trainer" else settings[k] for k in ("model", "data", "trainer")
+    )
+    ema = next(
+        (c["init_args"]["decay"] for c in trainer.get("callbacks", []) if c["class_path"].endswith(".EMA")), None
+    )
+    return {
+        "batch_size": data["batch_size"],
+        "learning_rate": model["learning_rate"],
+        "lr_scheduler": model["lr_scheduler"],
+        "lr_warmup_steps": model["lr_warmup_steps"],
+        "min_snr_gamma": model.get("min_snr_gamma"),
+        "caption_dropout": data.get("caption_dropout"),
+        "gradient_clip_val": trainer.get("gradient_clip_val"),
+        "ema_decay": ema,
+    }
 
 
 def build_checker(work: Path, config: Path, num_images: int, epochs: int, seed: int) -> dict[str, Any]:
@@ -216,7 +244,7 @@ def tiny_model(
     num_shapes: int = 5000,
     digits_per_class: int | None = None,
     vae_steps: int = 3000,
-    unet_epochs: int = 12,
+    unet_epochs: int = 18,
     unet_config: Path = Path("configs/tiny_model/unet.yaml"),
     checker_config: Path = Path("configs/tiny_model/checker.yaml"),
     checker_images: int = 3000,
