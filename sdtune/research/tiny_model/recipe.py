@@ -248,7 +248,7 @@ def tiny_model(
     unet_config: Path = Path("configs/tiny_model/unet.yaml"),
     checker_config: Path = Path("configs/tiny_model/checker.yaml"),
     checker_images: int = 3000,
-    checker_epochs: int = 4,
+    checker_epochs: int = 8,
     eval_seeds: int = 4,
     seed: int = 0,
 ) -> Path:
