@@ -152,7 +152,12 @@ def build_unet(work: Path, config: Path, epochs: int) -> dict[str, Any]:
         },
     )
     newest = find_latest_checkpoint(run / "checkpoints")
-    assert newest is not None, f"no checkpoint in {run}/checkpoints after training"
+    if newest is None or newest.epoch != epochs - 1:
+        # A preempted run (SIGTERM, SLURM requeue) saves and exits cleanly before its last epoch.
+        raise ValueError(
+            f"tiny-model: the UNet run in {run} stopped before epoch {epochs} (newest checkpoint: "
+            f"{newest.path.name if newest else 'none'}); run the same command again to resume it"
+        )
     return {
         "checkpoint": str(newest.path),
         "epochs": epochs,
