@@ -241,8 +241,8 @@ random 2-layer CLIP tower already gives every word a distinct embedding there; t
 learns to read them. Training the encoder would need a second optimiser path that sdtune's fine-tuning does
 not have, and would let the encoder overfit the seen (shape, colour) pairs.
 
-Total wall time: {total_seconds / 60:.1f} minutes on {figures["machine"]["cpus"]} CPU threads (torch
-{torch.__version__}); per stage: {json.dumps(stage_seconds)}.
+Total: {total_seconds / 60:.1f} minutes (the sum of the stages' times) on {figures["machine"]["cpus"]} CPU
+threads (torch {torch.__version__}); per stage: {json.dumps(stage_seconds)}.
 
 ## Figures (`figures.json`)
 
