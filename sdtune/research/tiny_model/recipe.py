@@ -249,7 +249,7 @@ def tiny_model(
     num_shapes: int = 5000,
     digits_per_class: int | None = None,
     vae_steps: int = 3000,
-    unet_epochs: int = 18,
+    unet_epochs: int = 12,
     unet_config: Path = Path("configs/tiny_model/unet.yaml"),
     checker_config: Path = Path("configs/tiny_model/checker.yaml"),
     checker_images: int = 3000,
