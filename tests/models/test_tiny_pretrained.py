@@ -108,13 +108,15 @@ def test_checker_recognises_real_images_and_reads_prompts() -> None:
 
 
 @pytest.mark.slow
-def test_held_out_prompt_combinations_come_out_as_asked() -> None:
-    """(shape, colour) pairs pretraining never saw, two seeds each: the checker finds both in most images."""
+def test_the_shipped_text_to_image_figures_reproduce_from_the_shipped_weights() -> None:
+    """The card's held-out-pairs figure is what the shipped weights give: same prompts, seeds and sampler,
+    judged by the shipped checker (within 0.1: another CPU may round a few pixels differently)."""
     parts = load_components("tiny-pretrained")
     checker = Checker.load(FOLDER / "checker")
     prompts = prompt_sets(HELD_OUT_PAIRS, NEW_CONCEPT)["held_out_pairs"]
-    all_prompts = [p for p in prompts for _ in range(2)]
-    seeds = [s for _ in prompts for s in (100, 101)]  # not the seeds of the shipped figures
+    seeds = list(range(FIGURES["settings"]["eval_seeds"]))
+    all_prompts = [p for p in prompts for _ in seeds]
+    all_seeds = [s for _ in prompts for s in seeds]
     images = generate(
         parts.unet,
         parts.vae,
@@ -122,11 +124,13 @@ def test_held_out_prompt_combinations_come_out_as_asked() -> None:
         parts.tokenizer,
         parts.noise_scheduler.config,
         all_prompts,
-        seeds,
+        all_seeds,
         EVAL_STEPS,
         EVAL_GUIDANCE,
         64,
     )
     summary = checker.score(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, all_prompts).summary()
-    assert summary["all"] >= 0.6, summary
-    assert FIGURES["results"]["text_to_image"]["held_out_pairs"]["all"] >= 0.8
+    shipped = FIGURES["results"]["text_to_image"]["held_out_pairs"]
+    assert summary["count"] == shipped["count"] == len(prompts) * len(seeds)
+    for attribute in ("shape", "color", "all"):
+        assert abs(summary[attribute] - shipped[attribute]) <= 0.1, (summary, shipped)
