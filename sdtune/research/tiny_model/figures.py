@@ -225,10 +225,10 @@ sklearn's upscaled 8x8 digit scans only.
   {", ".join(BASE_COLORS)}; sizes small/medium/large; a background of another base colour. Captions:
   "a photo of a large red circle on a blue background".
 - Held out of pretraining: the (shape, colour) pairs {", ".join(settings["held_out_pairs"])} (the
-  text-to-image figures ask for them) and the colour `{settings["new_concept"]}` (the quickstart teaches it).
-- sklearn's handwritten digits, the first {settings["digits_per_class"]} of each class (`data_tools digits`,
-  64 px, {record["data"]["digits"]["pretrain"]} images), captioned "a handwritten digit 7"; the last 20 of each
-  class ({record["data"]["digits"]["heldout"]}) are held out.
+  text-to-image figures ask for them) and the colour `{settings["new_concept"]}` (the quickstart's new concept).
+- sklearn's handwritten digits 0-1599 (`data_tools digits`, 64 px, {record["data"]["digits"]["pretrain"]} images,
+  at most {settings["digits_per_class"] or "all"} per class), captioned "a handwritten digit 7"; digits 1600-1796
+  ({record["data"]["digits"]["heldout"]}) are held out.
 
 ## Training (`make tiny-model`, = `sdtune tiny-model`)
 
@@ -267,7 +267,8 @@ starting point. The checker itself, on real held-out images: shapes {checker["sh
 Grids: `samples_held_out_pairs.png`, `samples_digits.png`.
 
 A re-run of `make tiny-model` on another machine or torch build gives other weights (CPU kernels differ);
-the figures above should agree within about 1 dB PSNR, 0.02 SSIM and 0.1 checker score.
+the figures above are expected to agree within about 1 dB PSNR, 0.02 SSIM and 0.1 checker score (not yet
+checked by a second run).
 
 ## Files
 
