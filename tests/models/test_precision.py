@@ -42,7 +42,7 @@ def test_bf16_mixed_runs_the_frozen_parts_in_bf16_and_renders_the_grid(tmp_path:
     checkpoint = find_latest_checkpoint(run_dir / "checkpoints")
     assert checkpoint is not None and checkpoint.step == 16
     grid = Image.open(checkpoint.path / "samples.png")
-    assert grid.size == (3 * 64, 2 * 64)  # 2 prompts x 3 seeds at 64 px
+    assert grid.size == (260 + 4 * 128, 34 + 3 * 128)  # labelled: 3 prompts x 4 seeds, 64 px tiles shown at 128
     assert len(set(grid.getdata())) > 100, "the grid is not blank"
 
 
