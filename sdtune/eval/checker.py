@@ -7,8 +7,9 @@ A prompt names what it asks for ("a photo of a large pink circle on a blue backg
 circle and colour pink; "a handwritten digit 7" for digit 7); the checker scores the attributes the prompt
 names and nothing else.
 
-    checker = Checker.load(checker_folder())
+    checker = Checker.load(tiny_pretrained_folder() / "checker")
     result = checker.score(images, prompts)      # images (N, 3, 64, 64) in [-1, 1]
+    result = checker.score_rendered(array, prompts)  # or a pipeline's output: (N, H, W, 3) in [0, 1]
     result.summary()                             # {"shape": 0.93, "color": 0.88, "all": 0.85, "count": 40}
 """
 
@@ -18,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,9 +45,8 @@ def asked_for(prompt: str, vocabulary: dict[str, list[str]]) -> dict[str, str]:
     if digit and digit.group(1) in vocabulary.get("digit", []):
         return {"digit": digit.group(1)}
     for attribute in ("shape", "color"):
+        # "a red circle on a blue background": the first colour named is the shape's.
         named = [w for w in words if w in vocabulary.get(attribute, [])]
-        if attribute == "color" and len(named) > 1:
-            named = named[:1]  # "a red circle on a blue background": the first colour is the shape's
         if named:
             wanted[attribute] = named[0]
     return wanted
@@ -118,3 +119,7 @@ class Checker:
             {a: self.heads[a].classes[int(probabilities[a][i].argmax())] for a in asked[i]} for i in range(len(prompts))
         ]
         return CheckerResult(asked, predicted, list(prompts))
+
+    def score_rendered(self, images: np.ndarray, prompts: list[str]) -> CheckerResult:
+        """`score` of a pipeline's numpy output: (N, H, W, 3) floats in [0, 1]."""
+        return self.score(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, prompts)

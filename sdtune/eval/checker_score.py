@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.sample_grid import render_images
@@ -84,8 +83,7 @@ class CheckerScore(L.Callback):
         ema = find_callback(trainer, EMA) if trainer.global_step > 0 else None
         with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
             images = render_images(pl_module, prompts, seeds, self.num_inference_steps, self.guidance_scale, resolution)
-        tensor = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
-        return {"step": trainer.global_step, **self.checker.score(tensor, prompts).summary()}
+        return {"step": trainer.global_step, **self.checker.score_rendered(images, prompts).summary()}
 
     def _read(self, trainer: L.Trainer) -> dict[str, Any]:
         path = self._path(trainer)

@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_tools.synth import BASE_COLORS, SHAPES
+from data_tools.synth import BASE_COLORS, SHAPES, caption_of
 from sdtune.eval.checker import Checker
 from sdtune.fileio import sha256_file
 from sdtune.models import tiny
-from sdtune.models.components import load_components
+from sdtune.models.components import SDComponents, load_components
 from sdtune.models.sampling import generate, labelled_grid
 from sdtune.research.tiny_model.vae import load_images, reconstruction_figures
 
@@ -61,9 +61,10 @@ def prompt_sets(held_out_pairs: tuple[str, ...], new_concept: str) -> dict[str, 
     }
 
 
-def render_and_score(folder: Path, checker: Checker, prompts: list[str], seeds: list[int]) -> tuple[np.ndarray, dict]:
-    """Images of every prompt x seed (row-major) from the model in `folder`, and the checker's summary."""
-    parts = load_components(str(folder))
+def render_and_score(
+    parts: SDComponents, checker: Checker, prompts: list[str], seeds: list[int]
+) -> tuple[np.ndarray, dict]:
+    """Images of every prompt x seed (row-major) from the model `parts`, and the checker's summary."""
     all_prompts = [p for p in prompts for _ in seeds]
     all_seeds = [s for _ in prompts for s in seeds]
     images = np.concatenate(
@@ -83,18 +84,14 @@ def render_and_score(folder: Path, checker: Checker, prompts: list[str], seeds: 
             for i in range(0, len(all_prompts), 40)
         ]
     )
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
-    return images, checker.score(tensor, all_prompts).summary()
+    return images, checker.score_rendered(images, all_prompts).summary()
 
 
 def _real_heldout(work: Path) -> tuple[torch.Tensor, list[str], torch.Tensor, list[str]]:
     """Held-out real shape images with their true prompts, and held-out digits with theirs."""
     shapes_dir = work / "data" / "heldout" / "shapes"
     shape_images = load_images(shapes_dir)
-    shape_prompts_ = [
-        "a photo of a {size} {color} {shape} on a {background} background".format(**json.loads(p.read_text()))
-        for p in sorted(shapes_dir.rglob("*.json"))
-    ]
+    shape_prompts_ = [caption_of(json.loads(p.read_text())) for p in sorted(shapes_dir.rglob("*.json"))]
     digits_dir = work / "data" / "heldout" / "digits"
     digit_images = load_images(digits_dir)
     digit_prompts = [DIGIT_PROMPT.format(p.parent.name) for p in sorted(digits_dir.rglob("*.png"))]
@@ -128,7 +125,7 @@ def evaluate(
     }
     seeds = list(range(num_seeds))
     for name, prompts in prompt_sets(held_out_pairs, new_concept).items():
-        images, summary = render_and_score(folder, checker, prompts, seeds)
+        images, summary = render_and_score(parts, checker, prompts, seeds)
         results["text_to_image"][name] = summary
         if name in ("held_out_pairs", "digits"):
             title = f"tiny-pretrained, {name.replace('_', ' ')}: DDIM {EVAL_STEPS} steps, guidance {EVAL_GUIDANCE}"
