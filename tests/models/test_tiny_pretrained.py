@@ -107,6 +107,16 @@ def test_checker_recognises_real_images_and_reads_prompts() -> None:
     assert wrong["all"] < 0.5
 
 
+def test_the_shipped_model_follows_colour_and_shape_words_above_chance() -> None:
+    """A floor under the card's text-to-image figures, so weights that ignore the prompt (as the first shipped
+    UNet did: colour 0.05 on held-out pairs, under the 0.11 of chance) cannot ship again. The target of 0.8 is
+    not met yet; the card and the README say so."""
+    results, chance = FIGURES["results"]["text_to_image"], FIGURES["results"]["chance"]
+    for prompts in ("held_out_pairs", "seen_pairs"):
+        assert results[prompts]["color"] >= 3 * chance["color"], (prompts, results[prompts])
+        assert results[prompts]["shape"] >= 1.5 * chance["shape"], (prompts, results[prompts])
+
+
 @pytest.mark.slow
 def test_the_shipped_text_to_image_figures_reproduce_from_the_shipped_weights() -> None:
     """The card's held-out-pairs figure is what the shipped weights give: same prompts, seeds and sampler,

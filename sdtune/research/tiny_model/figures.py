@@ -233,10 +233,12 @@ sklearn's upscaled 8x8 digit scans only.
 |---|---|---|---|
 {training_rows}
 
-The text encoder is frozen: the captions follow one template, so each word sits at a fixed position and a
-random 2-layer CLIP tower already gives every word a distinct embedding there; the UNet's cross-attention
-learns to read them. Training the encoder would need a second optimiser path that sdtune's fine-tuning does
-not have, and would let the encoder overfit the seen (shape, colour) pairs.
+The text encoder is frozen at a seeded random init whose token and position embeddings have std 1, and the
+tokenizer makes every caption word one token: the captions follow one template, so each word sits at a
+fixed position, and each output of the tower holds its word and its place (CLIP's default init, std 0.02,
+nearly erases the words: a UNet trained on it ignored them). The UNet's cross-attention, and the
+attention-pooled prompt added to its timestep embedding, learn to read them. Training the encoder would
+need a second optimiser path that sdtune's fine-tuning does not have.
 
 Total: {total_seconds / 60:.1f} minutes (the sum of the stages' times) on {figures["machine"]["cpus"]} CPU
 threads (torch {torch.__version__}); per stage: {json.dumps(stage_seconds)}.
