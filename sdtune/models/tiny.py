@@ -41,9 +41,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
+def _symbols(word: str) -> list[str]:
+    """A word as BPE starts it: one symbol per character, the last with the end-of-word marker."""
+    return list(word[:-1]) + [word[-1] + "</w>"]
+
+
 def _word_merges(word: str) -> list[tuple[str, str]]:
     """Left-to-right merges that build `word` with its end-of-word marker: ((w o) r) d</w>."""
-    pieces = list(word[:-1]) + [word[-1] + "</w>"]
+    pieces = _symbols(word)
     merges, current = [], pieces[0]
     for piece in pieces[1:]:
         merges.append((current, piece))
@@ -53,7 +58,7 @@ def _word_merges(word: str) -> list[tuple[str, str]]:
 
 def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
     """CLIP's BPE on one word: merge the lowest-ranked adjacent pair until none is left."""
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    parts = _symbols(word)
     while len(parts) > 1:
         pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(parts, parts[1:], strict=False))]
         rank, i = min(pairs)
@@ -253,8 +258,7 @@ def tiny_pretrained_text_encoder(tokenizer: CLIPTokenizer, seed: int = TINY_SEED
     place, and "red" as the shape's colour against "red" as the background's, are at cosine ~0.55."""
     encoder = _text_encoder(tokenizer, width=64, mlp_width=128, heads=4, layers=2)
     generator = torch.Generator().manual_seed(seed)
-    embeddings = encoder.get_input_embeddings()
     with torch.no_grad():
-        embeddings.weight.normal_(0.0, 1.0, generator=generator)
+        encoder.embeddings.token_embedding.weight.normal_(0.0, 1.0, generator=generator)
         encoder.embeddings.position_embedding.weight.normal_(0.0, 1.0, generator=generator)
     return encoder

@@ -139,7 +139,7 @@ def test_the_shipped_text_to_image_figures_reproduce_from_the_shipped_weights() 
         EVAL_GUIDANCE,
         64,
     )
-    summary = checker.score(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, all_prompts).summary()
+    summary = checker.score_rendered(images, all_prompts).summary()
     shipped = FIGURES["results"]["text_to_image"]["held_out_pairs"]
     assert summary["count"] == shipped["count"] == len(prompts) * len(seeds)
     for attribute in ("shape", "color", "all"):

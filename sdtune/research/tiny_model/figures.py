@@ -198,6 +198,7 @@ def write_card(
             f"| digits ({vae['digits']['count']}) | {quality(vae['digits'])} | | |",
         ]
     )
+    digits_kept = f"at most {settings['digits_per_class']}" if settings["digits_per_class"] else "all of them"
     card = f"""---
 library_name: diffusers
 pipeline_tag: text-to-image
@@ -224,7 +225,7 @@ sklearn's upscaled 8x8 digit scans only.
 - Held out of pretraining: the (shape, colour) pairs {", ".join(settings["held_out_pairs"])} (the
   text-to-image figures ask for them) and the colour `{settings["new_concept"]}` (the quickstart's new concept).
 - sklearn's handwritten digits 0-1599 (`data_tools digits`, 64 px, {record["data"]["digits"]["pretrain"]} images,
-  at most {settings["digits_per_class"] or "all"} per class), captioned "a handwritten digit 7"; digits 1600-1796
+  {digits_kept} per class), captioned "a handwritten digit 7"; digits 1600-1796
   ({record["data"]["digits"]["heldout"]}) are held out.
 
 ## Training (`make tiny-model`, = `sdtune tiny-model`)
