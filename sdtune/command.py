@@ -5,6 +5,7 @@
     sdtune sweep plan|run|report ...      sdtune slurm render ...      sdtune bench ...
     sdtune bench-remote ...               sdtune latent benchmark|report|baselines ...
     sdtune gpu-check --out DIR [--dry_run true]     sdtune tiny-model [--out DIR]
+    sdtune eval CHECKPOINT... --prompts FILE --seeds 0,1,2 [--base] --out DIR
 
 Each command's module is imported only when that command runs, so `sdtune --help` and `sdtune data
 make-shards` start without torch. A user mistake (a bad path or option value, an unreadable manifest,
@@ -71,13 +72,15 @@ COMMANDS = {
         },
     ),
 }
+# Commands with their own argparse parser (positional lists, bare flags): they get the arguments as they are.
+RAW = {"eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"})}
 LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}
 
 
 def usage() -> str:
     lines = ["usage: sdtune <command> [options]   (sdtune <command> --help for its options)", "", "commands:"]
     lines += [f"  {name:<13} {text} (LightningCLI, as python train.py)" for name, text in LIGHTNING.items()]
-    for name, command in COMMANDS.items():
+    for name, command in {**COMMANDS, **RAW}.items():
         subcommands = " | ".join(n for n in command.targets if n)
         lines.append(f"  {name:<13} {command.help}" + (f": {subcommands}" if subcommands else ""))
     lines += ["", "--debug (or SDTUNE_DEBUG=1) shows the traceback of an error"]
@@ -109,6 +112,9 @@ def run(name: str, args: list[str]) -> None:
 
         lightning_main([name, *args])
         return
+    if name in RAW:
+        RAW[name].target("")(args)
+        return
     command = COMMANDS[name]
     subcommand = "" if "" in command.targets else (args[0] if args else "")
     if subcommand not in command.targets:
@@ -131,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if argv else 2
     name, args = argv[0], argv[1:]
-    if name not in COMMANDS and name not in LIGHTNING:
-        print(f"sdtune: unknown command {name!r}; one of: {', '.join([*LIGHTNING, *COMMANDS])}", file=sys.stderr)
+    if name not in COMMANDS and name not in LIGHTNING and name not in RAW:
+        known = ", ".join([*LIGHTNING, *COMMANDS, *RAW])
+        print(f"sdtune: unknown command {name!r}; one of: {known}", file=sys.stderr)
         return 2
     setup_logging()
     try:

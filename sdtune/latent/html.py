@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sdtune.data.latents import LatentSettings
 
-_STYLE = """
+STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, Roboto, sans-serif; max-width: 1100px; margin: 2em auto;
        padding: 0 1em; color: #222; line-height: 1.5; }
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
@@ -34,13 +34,13 @@ class Section:
     table: list[list[str]] | None = None
 
 
-def _figure(caption: str, png: bytes) -> str:
+def figure_html(caption: str, png: bytes) -> str:
     data = base64.b64encode(png).decode("ascii")
     alt = html.escape(caption)
     return f'<figure><img alt="{alt}" src="data:image/png;base64,{data}"></figure>'
 
 
-def _table(rows: list[list[str]]) -> str:
+def table_html(rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(c)}</th>" for c in rows[0])
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -71,7 +71,7 @@ def render_page(sections: list[Section], settings: LatentSettings, num_samples: 
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<title>Latent space report</title>",
-        f"<style>{_STYLE}</style></head><body>",
+        f"<style>{STYLE}</style></head><body>",
         "<h1>What is the Stable Diffusion VAE's latent space good for?</h1>",
         f'<p class="meta">{num_samples} images; VAE {html.escape(settings.vae)} at {settings.resolution} px; '
         f"latents {'x'.join(map(str, settings.latent_shape))} (scaling {settings.scaling_factor}).</p>",
@@ -80,9 +80,10 @@ def render_page(sections: list[Section], settings: LatentSettings, num_samples: 
     for section in sections:
         parts.append(f"<section><h2>{html.escape(section.title)}</h2><p>{html.escape(section.text)}</p>")
         if section.figures:
-            parts.append('<div class="figures">' + "".join(_figure(c, png) for c, png in section.figures) + "</div>")
+            figures = "".join(figure_html(c, png) for c, png in section.figures)
+            parts.append(f'<div class="figures">{figures}</div>')
         if section.table:
-            parts.append(_table(section.table))
+            parts.append(table_html(section.table))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
