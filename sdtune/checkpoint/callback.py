@@ -16,7 +16,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
-from sdtune.checkpoint.card import model_card
+from sdtune.checkpoint.card import model_card, read_scores
 from sdtune.checkpoint.layout import (
     TRAINING_STATE,
     checkpoint_tag,
@@ -309,7 +309,7 @@ class PeriodicCheckpoint(Checkpoint):
             part.write_to_checkpoint(trainer, pending)  # every rank (EMA gathers its shards); rank 0 adds files
         if trainer.is_global_zero:
             meta = self._meta(trainer, pl_module, pending.names())
-            card = self._card_maker(trainer, pl_module)
+            card = self._card_maker(trainer, pl_module, read_scores(pending.folder))
             snapshot_bytes = pending.snapshot.bytes_copied
             blocked = time.monotonic() - start
 
@@ -382,13 +382,16 @@ class PeriodicCheckpoint(Checkpoint):
             "ema": bool(names & {"unet_ema", "lora_ema", "classifier_ema"}),
         }
 
-    def _card_maker(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Callable[[dict[str, Any]], str]:
+    def _card_maker(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, scores: dict[str, float] | None
+    ) -> Callable[[dict[str, Any]], str]:
         """The model card of this checkpoint, given its manifest (read in the background, once written)."""
         hparams = dict(pl_module.hparams) | (dict(trainer.datamodule.hparams) if trainer.datamodule else {})
         repo, tag = self.hub_repo or "checkpoints", checkpoint_tag(trainer)
         return functools.partial(
-            model_card, repo, tag, hparams=hparams, precision=str(trainer.precision), world_size=trainer.world_size
-        )
+            model_card, repo, tag, hparams=hparams, precision=str(trainer.precision), world_size=trainer.world_size,
+            scores=scores,
+        )  # fmt: skip
 
     def _prune(self, root: Path) -> None:
         """Delete all but the newest `keep_last` complete checkpoints (size check only: cheap)."""

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import yaml
+
+SCORES_FILE = "eval.json"  # written into a checkpoint by sdtune.eval.callback.Evaluate: {"metrics": {...}, ...}
 
 # Hyperparameters shown in the card, in this order, when the run has them.
 _SUMMARY_KEYS = (
@@ -14,8 +18,31 @@ _SUMMARY_KEYS = (
 )  # fmt: skip
 
 
+def read_scores(folder: Path) -> dict[str, float] | None:
+    """The scalar scores of a checkpoint folder's eval.json, if it has one."""
+    path = folder / SCORES_FILE
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text()).get("metrics", {})
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+
+
+def _scores_section(scores: dict[str, float] | None, folder: str) -> list[str]:
+    if not scores:
+        return []
+    rows = [f"| {name} | {value:.4g} |" for name, value in scores.items()]
+    return ["## Scores", "", f"From `{folder}/{SCORES_FILE}` (sdtune's Evaluate callback).", "",
+            "| metric | value |", "| --- | --- |", *rows, ""]  # fmt: skip
+
+
 def model_card(
-    repo: str, tag: str, meta: dict[str, Any], hparams: dict[str, Any], precision: str, world_size: int
+    repo: str,
+    tag: str,
+    meta: dict[str, Any],
+    hparams: dict[str, Any],
+    precision: str,
+    world_size: int,
+    scores: dict[str, float] | None = None,
 ) -> str:
     """Markdown with YAML metadata; `meta` is the checkpoint manifest's metadata, `hparams` model + data."""
     base = str(meta.get("base_model") or "")
@@ -58,6 +85,7 @@ def model_card(
             "",
             "Fixed prompts and seeds, rendered with the EMA weights when EMA is on.",
             "",
+            *_scores_section(scores, folder),
             "## Training",
             "",
             "| setting | value |",

@@ -8,6 +8,7 @@ from pathlib import Path
 from sdtune.eval.evaluate import HIGHER_IS_BETTER, EvalSettings, evaluate, parse_seeds
 from sdtune.eval.image_sets import read_prompts
 from sdtune.eval.render import Sampler
+from sdtune.eval.scorer import ScoreSettings
 from sdtune.storage import Storage
 from sdtune.storage.settings import S3Settings
 
@@ -54,13 +55,15 @@ def main(args: list[str]) -> None:
         prompts=read_prompts(options.prompts),
         seeds=parse_seeds(options.seeds),
         sampler=Sampler(options.steps, options.guidance_scale, options.resolution, options.precision),
-        features=features,
-        clip=options.clip,
-        checker=checker,
-        real=options.real,
-        train=options.train,
-        memorisation_threshold=options.memorisation_threshold,
-        max_images=options.max_images,
+        scores=ScoreSettings(
+            features=features,
+            clip=options.clip,
+            checker=checker,
+            real=options.real,
+            train=options.train,
+            memorisation_threshold=options.memorisation_threshold,
+            max_images=options.max_images,
+        ),
     )
     record = evaluate(
         options.checkpoints,

@@ -20,12 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from sdtune.eval import metrics
-from sdtune.eval.checker import Checker
-from sdtune.eval.checker_score import checker_folder
-from sdtune.eval.features import ClipModel, Features, load_features
-from sdtune.eval.image_sets import ImageSet, read_image_set
+from sdtune.eval.page import write_page
 from sdtune.eval.render import ImageCache, Renderer, RenderStats, Sampler
+from sdtune.eval.scorer import Scorer, ScoreSettings
 from sdtune.eval.targets import Target, resolve_targets
 from sdtune.storage import Storage
 
@@ -40,13 +37,7 @@ class EvalSettings:
     prompts: list[str]
     seeds: list[int]
     sampler: Sampler
-    features: str | None = None
-    clip: str | None = None
-    checker: str | None = None
-    real: str | None = None
-    train: str | None = None
-    memorisation_threshold: float = 0.95
-    max_images: int = 2000
+    scores: ScoreSettings
 
 
 @dataclass
@@ -65,47 +56,6 @@ def parse_seeds(seeds: str) -> list[int]:
     if not values:
         raise ValueError("--seeds: give at least one seed (e.g. 0,1,2)")
     return list(dict.fromkeys(values))
-
-
-def _scalar_metrics(
-    result: TargetResult,
-    settings: EvalSettings,
-    checker: Checker | None,
-    features: Features | None,
-    real: np.ndarray | None,
-    train: tuple[np.ndarray, ImageSet] | None,
-    clip: ClipModel | None,
-) -> None:
-    prompts = [p for p in settings.prompts for _ in settings.seeds]
-    out = result.metrics
-    if checker is not None:
-        summary = checker.score_rendered(result.images, prompts).summary()
-        out.update({f"checker_{k}": v for k, v in summary.items() if k != "count"})
-    generated = features(result.images) if features is not None else None
-    if generated is not None and real is not None:
-        fd = metrics.fd_interval(generated, real)
-        kid = metrics.kernel_inception_distance(generated, real)
-        out.update(
-            fd=fd.value, fd_low=fd.low, fd_high=fd.high, fd_infinity=fd.infinity, fd_bias_per_n=fd.bias_per_n,
-            kid=kid.mean, kid_std=kid.std, kid_subset_size=kid.subset_size,
-        )  # fmt: skip
-    if generated is not None and train is not None:
-        train_features, train_set = train
-        similarity, index = metrics.nearest(generated, train_features)
-        out.update(
-            nn_similarity=float(similarity.mean()),
-            nn_similarity_max=float(similarity.max()),
-            memorised_fraction=float((similarity >= settings.memorisation_threshold).mean()),
-        )
-        for i in np.argsort(-similarity)[:4]:
-            result.pairs.append(
-                {"image": int(i), "prompt": prompts[i], "seed": settings.seeds[i % len(settings.seeds)],
-                 "train": train_set.names[index[i]], "train_index": int(index[i]), "similarity": float(similarity[i])}
-            )  # fmt: skip
-    if clip is not None:
-        image_embeds, text_embeds = clip.embed(result.images, prompts)
-        scores = metrics.clip_score(image_embeds, text_embeds)
-        out.update(clip_score=float(scores.mean()), clip_score_std=float(scores.std()))
 
 
 def best_by_metric(results: list[TargetResult]) -> dict[str, str]:
@@ -142,8 +92,6 @@ def evaluate(
     storage: Storage | None = None,
 ) -> dict[str, Any]:
     """Render, score and write eval.json, eval.csv and eval.html into `out`; returns eval.json's content."""
-    from sdtune.eval.page import write_page
-
     storage = storage or Storage()
     out.mkdir(parents=True, exist_ok=True)
     targets = resolve_targets(checkpoints, out / "downloads", storage, base=base, use_ema=use_ema)
@@ -159,20 +107,12 @@ def evaluate(
         result = TargetResult(target, images)
         result.metrics.update(rendered=per_target.rendered, cached=per_target.cached)
         results.append(result)
-    size = results[0].images.shape[1]
-    checker = Checker.load(checker_folder(settings.checker)) if settings.checker else None
-    features = load_features(settings.features, checker) if settings.features else None
-    real = read_image_set(settings.real, "--real", storage, size, settings.max_images) if settings.real else None
-    train_set = (
-        read_image_set(settings.train, "--train", storage, size, settings.max_images) if settings.train else None
-    )
-    if (real is not None or train_set is not None) and features is None:
-        raise ValueError("--real and --train need --features (checker, or a vision model's Hub id or folder)")
-    real_features = features(real.images) if real is not None and features is not None else None
-    train = (features(train_set.images), train_set) if train_set is not None and features is not None else None
-    clip = ClipModel(settings.clip) if settings.clip else None
+    scorer = Scorer(settings.scores, results[0].images.shape[1], storage)
+    prompts = [p for p in settings.prompts for _ in settings.seeds]
+    seeds = [s for _ in settings.prompts for s in settings.seeds]
     for result in results:
-        _scalar_metrics(result, settings, checker, features, real_features, train, clip)
+        scores, result.pairs = scorer.score(result.images, prompts, seeds)
+        result.metrics.update(scores)
     order_by = rank_by or next(
         (m for m in ("fd", "checker_all", "clip_score") if any(m in r.metrics for r in results)), None
     )
@@ -180,11 +120,11 @@ def evaluate(
         raise ValueError(f"--rank_by: {order_by!r} is not one of {sorted(HIGHER_IS_BETTER)}")
     record = {
         "settings": {
-            **{k: v for k, v in asdict(settings).items() if k != "sampler"},
+            "prompts": settings.prompts,
+            "seeds": settings.seeds,
             "sampler": asdict(settings.sampler),
-            "real_count": None if real is None else len(real.images),
-            "train_count": None if train_set is None else len(train_set.images),
-            "features_name": getattr(features, "name", None),
+            **asdict(settings.scores),
+            **scorer.describe(),
         },
         "render": {
             "rendered": stats.rendered,
@@ -208,7 +148,7 @@ def evaluate(
     }
     (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")
     _write_csv(out / "eval.csv", results)
-    write_page(out / "eval.html", record, results, settings, train_set)
+    write_page(out / "eval.html", record, {r.target.label: r.images for r in results}, scorer.train)
     log.info(
         "eval: %d checkpoint(s), %d image(s) rendered, %d from the cache -> %s",
         len(results), stats.rendered, stats.cached, out / "eval.html",

@@ -23,12 +23,21 @@ def _moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x.mean(axis=0), np.cov(x, rowvar=False)
 
 
-def frechet_distance_gaussians(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Dowson and Landau, 1982). The trace of the square root is
-    the sum of the square roots of S1 S2's eigenvalues (real and >= 0: a product of two PSD matrices), as
-    torchmetrics computes it; no matrix square root is needed."""
-    eigenvalues = np.linalg.eigvals(sigma1 @ sigma2)
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0.0, None)).sum()
+def _psd_sqrt(sigma: np.ndarray) -> np.ndarray:
+    values, vectors = np.linalg.eigh(sigma)
+    return (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+
+
+def frechet_distance_gaussians(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, sqrt_sigma2: np.ndarray | None = None
+) -> float:
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) (Dowson and Landau, 1982).
+
+    The trace of the square root is the sum of the square roots of the eigenvalues of S1 S2, which are those of
+    the symmetric S2^1/2 S1 S2^1/2 (a symmetric eigensolver: fast and real). `sqrt_sigma2` saves recomputing
+    S2^1/2 when one reference set meets many others (bootstrap, subsets)."""
+    root = _psd_sqrt(sigma2) if sqrt_sigma2 is None else sqrt_sigma2
+    trace_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(root @ sigma1 @ root), 0.0, None)).sum()
     diff = mu1 - mu2
     return float(max(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt, 0.0))
 
@@ -62,16 +71,15 @@ def fd_interval(
     rng = np.random.default_rng(seed)
     n = len(generated)
     mu_r, sigma_r = _moments(real)
-    value = frechet_distance_gaussians(*_moments(generated), mu_r, sigma_r)
-    boot = [
-        frechet_distance_gaussians(*_moments(generated[rng.integers(0, n, n)]), mu_r, sigma_r) for _ in range(resamples)
-    ]
+    root = _psd_sqrt(sigma_r)
+
+    def fd(subset: np.ndarray) -> float:
+        return frechet_distance_gaussians(*_moments(subset), mu_r, sigma_r, root)
+
+    value = fd(generated)
+    boot = [fd(generated[rng.integers(0, n, n)]) for _ in range(resamples)]
     sizes = sorted({max(2, round(n * (k + 1) / fractions)) for k in range(fractions)})
-    at_size = [
-        np.mean([frechet_distance_gaussians(*_moments(generated[rng.permutation(n)[:m]]), mu_r, sigma_r)
-                 for _ in range(4)])
-        for m in sizes
-    ]  # fmt: skip
+    at_size = [np.mean([fd(generated[rng.permutation(n)[:m]]) for _ in range(4)]) for m in sizes]
     if len(sizes) > 1:
         slope, intercept = np.polyfit(1.0 / np.asarray(sizes, dtype=np.float64), np.asarray(at_size), 1)
     else:

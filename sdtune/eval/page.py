@@ -24,8 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 if TYPE_CHECKING:
-    from sdtune.eval.evaluate import EvalSettings, TargetResult
     from sdtune.eval.image_sets import ImageSet
+
+Images = dict[str, np.ndarray]  # checkpoint label -> its images (prompts x seeds, prompt-major)
 
 _CURVES = (
     ("checker_all", "checker: prompt followed (all attributes)"),
@@ -87,39 +88,36 @@ def _score_table(record: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def _grids(results: list[TargetResult], settings: EvalSettings) -> list[tuple[str, bytes]]:
-    seeds, columns = settings.seeds, [_short(r.target.label) for r in results]
+def _grids(images: Images, prompts: list[str], seeds: list[int]) -> list[tuple[str, bytes]]:
+    columns = [_short(label) for label in images]
     figures = []
-    for p, prompt in enumerate(settings.prompts):
+    for p, prompt in enumerate(prompts):
         # rows: seeds; columns: checkpoints
-        tiles = [r.images[p * len(seeds) + s] for s in range(len(seeds)) for r in results]
+        tiles = [rendered[p * len(seeds) + s] for s in range(len(seeds)) for rendered in images.values()]
         grid = labelled_grid(np.stack(tiles), [f"seed {s}" for s in seeds], columns, title=prompt)
         figures.append((prompt, _png(grid)))
     return figures
 
 
-def _pairs(record: dict[str, Any], results: list[TargetResult], train: ImageSet | None) -> list[tuple[str, bytes]]:
-    if train is None:
+def _pairs(record: dict[str, Any], images: Images, train: ImageSet | None) -> list[tuple[str, bytes]]:
+    scored = [c for c in record["checkpoints"] if "nn_similarity" in c["metrics"] and c["closest_pairs"]]
+    if train is None or not scored:
         return []
-    copier = max(results, key=lambda r: r.metrics.get("nn_similarity", -1.0))
-    if not copier.pairs:
-        return []
+    copier = max(scored, key=lambda c: c["metrics"]["nn_similarity"])
     tiles = []
-    for pair in copier.pairs:
-        tiles += [copier.images[pair["image"]], train.images[pair["train_index"]]]
-    labels = [f"{pair['similarity']:.3f} {pair['prompt'][:24]}" for pair in copier.pairs]
-    grid = labelled_grid(np.stack(tiles), labels, ["generated", "nearest training image"], title=copier.target.label)
-    return [(f"closest pairs of {copier.target.label}", _png(grid))]
+    for pair in copier["closest_pairs"]:
+        tiles += [images[copier["label"]][pair["image"]], train.images[pair["train_index"]]]
+    labels = [f"{pair['similarity']:.3f} {pair['prompt'][:24]}" for pair in copier["closest_pairs"]]
+    grid = labelled_grid(np.stack(tiles), labels, ["generated", "nearest training image"], title=copier["label"])
+    return [(f"closest pairs of {copier['label']}", _png(grid))]
 
 
-def render_page(
-    record: dict[str, Any], results: list[TargetResult], settings: EvalSettings, train: ImageSet | None
-) -> str:
+def render_page(record: dict[str, Any], images: Images, train: ImageSet | None) -> str:
     s = record["settings"]
     sampler = s["sampler"]
     ranking = record["ranking"]
     meta = (
-        f"{len(results)} checkpoint(s) x {len(settings.prompts)} prompt(s) x {len(settings.seeds)} seed(s); DDIM "
+        f"{len(images)} checkpoint(s) x {len(s['prompts'])} prompt(s) x {len(s['seeds'])} seed(s); DDIM "
         f"{sampler['steps']} steps, guidance {sampler['guidance_scale']}, precision {sampler['precision']}; "
         f"features: {s['features_name'] or 'none'}; CLIP: {s['clip'] or 'none'}; checker: {s['checker'] or 'none'}; "
         f"held-out images: {s['real_count'] or 'none'}; training images: {s['train_count'] or 'none'}. "
@@ -142,10 +140,10 @@ def render_page(
         "</div></section><section><h2>Images: checkpoints side by side</h2>",
         "<p>One grid per prompt: checkpoints as columns (the base model first), seeds as rows.</p>",
         "<div class='figures'>",
-        "".join(figure_html(c, png) for c, png in _grids(results, settings)),
+        "".join(figure_html(c, png) for c, png in _grids(images, s["prompts"], s["seeds"])),
         "</div></section>",
     ]
-    pairs = _pairs(record, results, train)
+    pairs = _pairs(record, images, train)
     if pairs:
         parts += [
             "<section><h2>Memorisation: closest pairs</h2><p>The generated images most similar (cosine, in the "
@@ -157,8 +155,6 @@ def render_page(
     return "\n".join(parts)
 
 
-def write_page(
-    path: Path, record: dict[str, Any], results: list[TargetResult], settings: EvalSettings, train: ImageSet | None
-) -> Path:
-    path.write_text(render_page(record, results, settings, train))
+def write_page(path: Path, record: dict[str, Any], images: Images, train: ImageSet | None) -> Path:
+    path.write_text(render_page(record, images, train))
     return path

@@ -52,3 +52,16 @@ def test_resume_option(tmp_path: Path) -> None:
     broken = make_checkpoint(tmp_path, 0, 11, complete=False)
     with pytest.raises(ValueError, match="--resume .*no manifest.json"):
         plan_resume(str(broken), tmp_path)
+
+
+def test_model_card_shows_the_scores_of_the_checkpoints_eval_json(tmp_path: Path) -> None:
+    from sdtune.checkpoint.card import model_card, read_scores
+
+    assert read_scores(tmp_path) is None
+    (tmp_path / "eval.json").write_text(json.dumps({"step": 8, "metrics": {"checker_all": 0.5, "fd": 1.25}}))
+    scores = read_scores(tmp_path)
+    assert scores == {"checker_all": 0.5, "fd": 1.25}
+    meta = {"base_model": "tiny-pretrained", "epoch": 0, "step": 8, "train_mode": "full", "ema": True}
+    card = model_card("user/repo", "epoch=0000-step=000008", meta, {}, "32-true", 1, scores=scores)
+    assert "## Scores" in card and "| fd | 1.25 |" in card and "| checker_all | 0.5 |" in card
+    assert "## Scores" not in model_card("user/repo", "epoch=0000-step=000008", meta, {}, "32-true", 1)

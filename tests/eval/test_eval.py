@@ -38,15 +38,22 @@ def _eval(run_dir: Path, out: Path, *extra: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def quickstart_run(tmp_path_factory: pytest.TempPathFactory, pink_shards: Path) -> Path:
-    """The quickstart's config, cut to 2 epochs of 8 steps (no checker callback, no wandb)."""
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory, pink_shards: Path, synth_shards: Path) -> Path:
+    """The quickstart's config, cut to 2 epochs of 8 steps, with the Evaluate callback (base model and every
+    epoch, FD against the synthetic shapes) and a CSV logger instead of the checker callback and wandb."""
     root = tmp_path_factory.mktemp("eval_run")
     config = yaml.safe_load(QUICKSTART.read_text())
     run_dir = root / "run"
-    kept = [c for c in config["trainer"]["callbacks"] if c["class_path"].endswith(("EMA", "PeriodicCheckpoint"))]
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c for c in config["trainer"]["callbacks"]}
+    evaluate = {
+        "class_path": "sdtune.eval.callback.Evaluate",
+        "init_args": {"prompts": PROMPTS, "seeds": [0, 1], "at_start": True, "real": str(synth_shards)},
+    }
     config["trainer"].update(
-        default_root_dir=str(run_dir), max_epochs=2, enable_progress_bar=False, logger=False, callbacks=kept
-    )
+        default_root_dir=str(run_dir), max_epochs=2, enable_progress_bar=False,
+        logger={"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(run_dir)}},
+        callbacks=[callbacks["EMA"], evaluate, callbacks["PeriodicCheckpoint"]],
+    )  # fmt: skip
     config["data"]["init_args"]["shards"] = str(pink_shards)
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -109,6 +116,29 @@ def test_eval_scores_each_checkpoint_beside_the_base_model_and_renders_only_what
     broken.write_text(page.replace('src="data:image/png;base64,', 'src="missing.png#', 1))
     seen = inspect_page(broken, tmp_path / "broken.png")
     assert seen["failed"] and any(i["width"] == 0 for i in seen["images"])
+
+
+def test_evaluate_callback_scores_the_base_model_and_each_epoch_into_its_checkpoint(quickstart_run: Path) -> None:
+    evals = sorted((quickstart_run / "evals").glob("*.json"))
+    records = [json.loads(p.read_text()) for p in evals]
+    steps = [r["step"] for r in records]
+    # at_start: the base model as step 0, once (the other test resumes this run for a third epoch: no new step 0)
+    assert steps in ([0, 8, 16], [0, 8, 16, 24]), steps
+    for record in records:
+        m = record["metrics"]
+        assert 0 <= m["checker_all"] <= 1 and m["fd"] > 0 and m["kid_subset_size"] == 4
+        assert record["features_name"] == "checker" and record["real_count"] == 64 and record["seconds"] > 0
+    for ref in list_checkpoints(quickstart_run / "checkpoints"):
+        copied = json.loads((ref.path / "eval.json").read_text())
+        assert (
+            copied["step"] == ref.step and "eval.json" in json.loads((ref.path / "manifest.json").read_text())["files"]
+        )
+    logged = []
+    for table in sorted((quickstart_run / "lightning_logs").rglob("metrics.csv")):  # one per start of the run
+        with table.open() as handle:
+            logged += [row for row in csv.DictReader(handle) if row.get("eval/fd")]
+    assert [int(row["step"]) for row in logged] == steps
+    assert all(float(row["eval/seconds"]) > 0 for row in logged)
 
 
 def test_eval_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
