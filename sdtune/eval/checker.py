@@ -24,9 +24,18 @@ import torch
 from torch import nn
 
 from sdtune.latent.classifier import load_classifier
+from sdtune.models.components import TINY_PRETRAINED, tiny_pretrained_folder
 
 ATTRIBUTES = ("shape", "color", "digit")
 _DIGIT = re.compile(r"\bdigit\s+(\d)\b")
+
+
+def checker_folder(checker: str) -> Path:
+    """`tiny-pretrained` -> the checker shipped with it; else a folder of checker heads."""
+    folder = tiny_pretrained_folder() / "checker" if checker == TINY_PRETRAINED else Path(checker)
+    if not folder.is_dir():
+        raise ValueError(f"checker: folder {folder} not found; give 'tiny-pretrained' or a folder")
+    return folder
 
 
 @dataclass

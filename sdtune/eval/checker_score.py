@@ -24,19 +24,11 @@ import lightning as L
 from sdtune.callbacks.ema import EMA
 from sdtune.callbacks.sample_grid import render_images
 from sdtune.contracts import ImageData, Sampleable, find_callback, require
-from sdtune.eval.checker import Checker, asked_for
-from sdtune.models.components import TINY_PRETRAINED, tiny_pretrained_folder
+from sdtune.eval.checker import Checker, asked_for, checker_folder
+from sdtune.models.components import TINY_PRETRAINED
 
 log = logging.getLogger(__name__)
 SCORE_FILE = "checker_score.json"
-
-
-def checker_folder(checker: str) -> Path:
-    """`tiny-pretrained` -> the checker shipped with it; else a folder of checker heads."""
-    folder = tiny_pretrained_folder() / "checker" if checker == TINY_PRETRAINED else Path(checker)
-    if not folder.is_dir():
-        raise ValueError(f"CheckerScore: checker folder {folder} not found; give 'tiny-pretrained' or a folder")
-    return folder
 
 
 class CheckerScore(L.Callback):

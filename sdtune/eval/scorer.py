@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 
 from sdtune.eval import metrics
-from sdtune.eval.checker import Checker
-from sdtune.eval.checker_score import checker_folder
+from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import ClipModel, Features, load_features
 from sdtune.eval.image_sets import ImageSet, read_image_set
 from sdtune.storage import Storage
