@@ -33,11 +33,15 @@ def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def min_snr_weights(
-    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str, floor: float = 0.0
 ) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al., 2023), for the epsilon or v target; shape (B,)."""
+    """Min-SNR-gamma loss weights (Hang et al., 2023), for the epsilon or v target; shape (B,).
+
+    In terms of the error on the clean latents, the weight is clamp(SNR, floor, gamma): gamma caps the nearly
+    noise-free timesteps; `floor` > 0 keeps the noisiest ones from a weight of ~0, which matters with a zero
+    terminal SNR schedule (there the prompt alone decides colours and layout)."""
     ratio = snr(scheduler, timesteps)
-    clipped = torch.clamp(ratio, max=gamma)
+    clipped = torch.clamp(ratio, min=floor, max=gamma)
     return clipped / (ratio + 1.0) if prediction_type == "v_prediction" else clipped / ratio
 
 

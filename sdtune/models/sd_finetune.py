@@ -43,6 +43,7 @@ class SDFineTune(L.LightningModule):
         lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0"),
         prediction_type: Literal["auto", "epsilon", "v_prediction"] = "auto",
         min_snr_gamma: float | None = None,
+        min_snr_floor: float = 0.0,
         noise_offset: float = 0.0,
         optimizer: Literal["adamw", "adamw8bit"] = "adamw",
         learning_rate: float = 1e-5,
@@ -70,6 +71,8 @@ class SDFineTune(L.LightningModule):
             lora_targets: UNet module names that get LoRA layers.
             prediction_type: UNet target; "auto" takes it from the model's scheduler config.
             min_snr_gamma: Min-SNR loss weighting gamma (5.0 is the paper's value); None disables it.
+            min_snr_floor: Lower bound of the min-SNR weight in clean-latent terms (0: the paper's weighting). With a
+                zero terminal SNR scheduler and v-prediction, 1.0 keeps the noisiest timesteps at plain v-loss weight.
             noise_offset: Offset-noise strength (0.05-0.1 helps very dark/bright images); 0 disables it.
             optimizer: "adamw", or "adamw8bit" (bitsandbytes' AdamW8bit: 8-bit moments, on CUDA and on CPU alike).
             learning_rate: Peak learning rate.
@@ -92,6 +95,8 @@ class SDFineTune(L.LightningModule):
         super().__init__()
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"model.min_snr_gamma: must be > 0 or null, got {min_snr_gamma}")
+        if not 0.0 <= min_snr_floor <= (min_snr_gamma or float("inf")):
+            raise ValueError(f"model.min_snr_floor: must be in [0, min_snr_gamma], got {min_snr_floor}")
         if learning_rate <= 0:
             raise ValueError(f"model.learning_rate: must be > 0, got {learning_rate}")
         if max_nonfinite_steps < 1:
@@ -204,7 +209,11 @@ class SDFineTune(L.LightningModule):
         target = prediction_target(self.noise_scheduler, self.prediction_type, latents, noise, timesteps)
         gamma = self.hparams.min_snr_gamma
         weights = (
-            None if gamma is None else min_snr_weights(self.noise_scheduler, timesteps, gamma, self.prediction_type)
+            None
+            if gamma is None
+            else min_snr_weights(
+                self.noise_scheduler, timesteps, gamma, self.prediction_type, self.hparams.min_snr_floor
+            )
         )
         return diffusion_loss(prediction, target, weights)
 

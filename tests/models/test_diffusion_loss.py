@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise, snr
-from sdtune.models.tiny import tiny_scheduler
+from sdtune.models.tiny import tiny_pretrained_scheduler, tiny_scheduler
 
 
 def test_v_target_is_alpha_noise_minus_sigma_latents() -> None:
@@ -28,6 +28,23 @@ def test_min_snr_weights() -> None:
     assert eps[2] == 1.0  # SNR < gamma: unweighted
     v = min_snr_weights(scheduler, timesteps, 5.0, "v_prediction")
     torch.testing.assert_close(v, torch.minimum(ratio, torch.tensor(5.0)) / (ratio + 1))
+
+
+def test_zero_terminal_snr_schedule_with_a_min_snr_floor() -> None:
+    """tiny-pretrained's schedule: pure noise at t=999, so the paper's min-SNR-v weight is 0 there; the floor
+    keeps it at plain v-loss weight, and gamma still caps the nearly noise-free end."""
+    scheduler = tiny_pretrained_scheduler()
+    timesteps = torch.tensor([0, 500, 999])
+    ratio = snr(scheduler, timesteps)
+    assert ratio[2] == 0 and ratio[0] > 5
+    noisy = scheduler.add_noise(torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2), torch.tensor([999]))
+    assert noisy.abs().max() == 0  # no signal left at the last timestep
+    paper = min_snr_weights(scheduler, timesteps, 5.0, "v_prediction")
+    floored = min_snr_weights(scheduler, timesteps, 5.0, "v_prediction", floor=1.0)
+    assert paper[2] == 0 and floored[2] == 1.0
+    torch.testing.assert_close(floored[0], paper[0])  # capped at gamma / (SNR + 1) either way
+    # in clean-latent terms (v-loss = x0-loss x (SNR + 1)) the weight is clamp(SNR, 1, 5)
+    torch.testing.assert_close(floored * (ratio + 1), ratio.clamp(1.0, 5.0))
 
 
 def test_offset_noise_adds_a_per_channel_constant() -> None:

@@ -6,7 +6,8 @@ the UNet stage resumes inside its training run with `--resume auto`):
 1. data      the pretraining images: coloured shapes (5 shapes, 8 colours, 3 sizes, 8 backgrounds) without
              the held-out (shape, colour) pairs and without pink, plus sklearn's digits 0-1599 captioned
              "a handwritten digit N"; held-out images (other seeds, digits 1600-1796) for the figures
-2. vae       the KL autoencoder (`vae.py`), on the pretraining images
+2. vae       the KL autoencoder (`vae.py`), on the pretraining images and 625 pink shapes (the VAE sees
+             every colour, as SD's did; only the UNet never sees pink)
 3. init      a diffusers folder: that VAE, a random UNet, a frozen random CLIP text encoder, the tokenizer
 4. latents   image shards -> latent shards with that VAE (`data_tools encode_latents`)
 5. unet      `sdtune fit --config configs/tiny_model/unet.yaml` on the latent shards (sdtune's own path)
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 HELD_OUT_PAIRS = ("circle:green", "square:purple", "triangle:orange", "diamond:red", "cross:blue")
 NEW_CONCEPT = "pink"  # a colour kept out of pretraining: the quickstart teaches it
 HELD_OUT_DIGITS_FROM = 1600  # sklearn's digits with this index or higher are in no training set
+VAE_ONLY = Path("data") / "vae_only"  # under the work folder: images only the VAE trains on
 
 
 def _stage(work: Path, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -101,10 +103,17 @@ def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: 
         exclude=list(HELD_OUT_PAIRS),
     )
     synth(work / "data" / "heldout" / "shapes", num_images=300, seed=seed + 1, shapes=list(SHAPES), sizes=list(SIZES))
+    # The VAE is a general image codec (SD's saw every colour): it also learns pink, which the UNet never sees.
+    # Trained without it, it decoded pink (255, 120, 200) as a pale (212, 184, 203), and no fine-tune of the
+    # UNet could draw the quickstart's new colour.
+    vae_only = num_shapes // 8
+    synth(work / VAE_ONLY / "shapes", num_images=vae_only, seed=seed + 2, shapes=list(SHAPES), colors=[NEW_CONCEPT],
+          sizes=list(SIZES))  # fmt: skip
     digit_counts = _split_digits(work, digits_per_class)
     manifest = make_shards(str(pretrain), work / "shards", resolution=64, samples_per_shard=256)
     return {
         "shapes": num_shapes,
+        "vae_only_pink_shapes": vae_only,
         "digits": digit_counts,
         "shards": len(manifest.shards),
         "samples": manifest.num_samples,
@@ -112,7 +121,7 @@ def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: 
 
 
 def build_vae(work: Path, steps: int, seed: int) -> dict[str, Any]:
-    images = load_images(work / "data" / "pretrain")
+    images = torch.cat([load_images(work / "data" / "pretrain"), load_images(work / VAE_ONLY)])
     vae = train_vae(images, VAETraining(steps=steps, seed=seed))
     vae.save_pretrained(work / "vae", safe_serialization=True)
     return {"steps": steps, "images": len(images), "scaling_factor": vae.config.scaling_factor}
@@ -122,7 +131,8 @@ def build_init(work: Path, seed: int) -> dict[str, Any]:
     tokenizer = tiny.tiny_tokenizer(tiny.PRETRAINED_WORDS)
     vae = AutoencoderKL.from_pretrained(work / "vae", use_safetensors=True)
     unet = tiny.tiny_pretrained_unet(seed)
-    parts = SDComponents(unet, vae, tiny.tiny_pretrained_text_encoder(tokenizer), tokenizer, tiny.tiny_scheduler())
+    text_encoder = tiny.tiny_pretrained_text_encoder(tokenizer)
+    parts = SDComponents(unet, vae, text_encoder, tokenizer, tiny.tiny_pretrained_scheduler())
     parts.save_pretrained(work / "init")
     return {"unet_parameters": sum(p.numel() for p in unet.parameters()), "vocabulary": len(tokenizer)}
 
@@ -182,6 +192,7 @@ def unet_recipe(config: Path) -> dict[str, Any]:
         "lr_scheduler": model["lr_scheduler"],
         "lr_warmup_steps": model["lr_warmup_steps"],
         "min_snr_gamma": model.get("min_snr_gamma"),
+        "min_snr_floor": model.get("min_snr_floor"),
         "caption_dropout": data.get("caption_dropout"),
         "gradient_clip_val": trainer.get("gradient_clip_val"),
         "ema_decay": ema,
