@@ -12,6 +12,15 @@ from sdtune.eval import metrics
 from sdtune.eval.features import ClipModel, VisionFeatures
 
 
+class Identity(torch.nn.Module):
+    """torchmetrics' FID/KID with features given as they are: (N, 8, 1, 1) -> (N, 8)."""
+
+    num_features = 8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).double()
+
+
 def _gaussian(rng: np.random.Generator, n: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     return rng.standard_normal((n, len(mean))) * std + mean
 
@@ -35,12 +44,6 @@ def test_fd_matches_the_closed_form_between_two_gaussians() -> None:
 
 def test_fd_agrees_with_torchmetrics_on_the_same_features() -> None:
     from torchmetrics.image.fid import FrechetInceptionDistance
-
-    class Identity(torch.nn.Module):
-        num_features = 8
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1).double()
 
     rng = np.random.default_rng(2)
     a = _gaussian(rng, 300, np.zeros(8), np.ones(8))
@@ -69,12 +72,6 @@ def test_kid_is_unbiased_and_separates_distributions() -> None:
 
 def test_kid_agrees_with_torchmetrics_on_full_sets() -> None:
     from torchmetrics.image.kid import KernelInceptionDistance
-
-    class Identity(torch.nn.Module):
-        num_features = 8
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.flatten(1).double()
 
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((50, 8)), rng.standard_normal((50, 8)) + 0.4
