@@ -35,8 +35,8 @@ def parser() -> argparse.ArgumentParser:
         "--checker", default="tiny-pretrained", help="'tiny-pretrained', a checker folder, or 'none' (default: "
         "tiny-pretrained's shape/colour/digit checker)"
     )  # fmt: skip
-    p.add_argument("--features", default=None, help="FD/KID/memorisation space: 'checker', or a vision model's "
-                   "Hub id or folder (CLIP, DINOv2); default: checker when there is one")  # fmt: skip
+    p.add_argument("--features", default=None, help="FD/KID/memorisation space: 'checker', 'pixels', or a vision "
+                   "model's Hub id or folder (CLIP, DINOv2); default: checker when there is one")  # fmt: skip
     p.add_argument("--clip", default=None, help="a CLIP model (Hub id or folder) for CLIP score")
     p.add_argument("--real", default=None, help="held-out real images (folder or shards) for FD and KID")
     p.add_argument("--train", default=None, help="training images (folder or shards) for memorisation")

@@ -1,6 +1,7 @@
 """Image feature extractors for FD, KID and memorisation, and the CLIP model for CLIP score.
 
     extractor = load_features("checker")                   # tiny-pretrained's checker: its heads' pooled features
+    extractor = load_features("pixels")                    # 16x16 downsampled pixels (copies of training images)
     extractor = load_features("facebook/dinov2-small")     # any transformers vision model (Hub id or local folder)
     extractor = load_features("openai/clip-vit-base-patch32")  # a CLIP model: its image embeddings
     features = extractor(images)                           # images (N, H, W, 3) in [0, 1] -> (N, D) float64
@@ -24,6 +25,7 @@ from PIL import Image
 from sdtune.eval.checker import Checker
 
 CHECKER = "checker"
+PIXELS = "pixels"
 
 
 class Features(Protocol):
@@ -53,6 +55,21 @@ class CheckerFeatures:
             )  # fmt: skip
             parts.append(torch.cat([head.net.features(b).mean(dim=(2, 3)) for b in y.split(256)]))
         return torch.cat(parts, dim=1).double().numpy()
+
+
+@dataclass
+class PixelFeatures:
+    """The image itself, area-downsampled to `size` x `size` and centred ([-0.5, 0.5]): a space where a copy of a
+    training image is a copy (cosine ~1), unlike a feature space that keeps only what an image shows."""
+
+    size: int = 16
+    name: str = PIXELS
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+        small = torch.nn.functional.adaptive_avg_pool2d(x, self.size) - 0.5
+        return small.flatten(1).double().numpy()
 
 
 class VisionFeatures:
@@ -113,7 +130,9 @@ class ClipModel:
 
 
 def load_features(source: str, checker: Checker | None = None, device: str = "cpu") -> Features:
-    """ "checker" (needs `checker`), or a transformers vision model by Hub id or local folder."""
+    """ "checker" (needs `checker`), "pixels", or a transformers vision model by Hub id or local folder."""
+    if source == PIXELS:
+        return PixelFeatures()
     if source == CHECKER:
         if checker is None:
             raise ValueError("features: 'checker' needs a checker (--checker tiny-pretrained or a folder)")
@@ -123,5 +142,5 @@ def load_features(source: str, checker: Checker | None = None, device: str = "cp
     except OSError as err:
         raise ValueError(
             f"features: cannot load {source!r} as a vision model ({' '.join(str(err).split())[:200]}); give a "
-            "local folder, a Hub id in the Hugging Face cache, or 'checker'"
+            "local folder, a Hub id in the Hugging Face cache, 'checker' or 'pixels'"
         ) from err

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sdtune.eval import metrics
-from sdtune.eval.features import ClipModel, VisionFeatures
+from sdtune.eval.features import ClipModel, VisionFeatures, load_features
 
 
 class Identity(torch.nn.Module):
@@ -137,3 +137,13 @@ def test_nearest_finds_the_copied_image() -> None:
     similarity, index = metrics.nearest(generated, train)
     assert index[0] == 7 and similarity[0] > 0.999
     assert (similarity[1:] < 0.9).all()
+
+
+def test_pixel_features_tell_a_copy_from_an_image_of_the_same_kind() -> None:
+    rng = np.random.default_rng(9)
+    train = rng.random((6, 64, 64, 3)).astype(np.float32)
+    pixels = load_features("pixels")
+    copy, other = train[[2]] + 0.01 * rng.standard_normal((1, 64, 64, 3)).astype(np.float32), rng.random((1, 64, 64, 3))
+    similarity, index = metrics.nearest(pixels(np.concatenate([copy, other])), pixels(train))
+    assert pixels(train).shape == (6, 16 * 16 * 3) and index[0] == 2
+    assert similarity[0] > 0.99 > 0.5 > similarity[1]
