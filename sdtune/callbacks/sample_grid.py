@@ -18,7 +18,7 @@ from sdtune.callbacks.ema import EMA
 from sdtune.checkpoint.layout import checkpoint_tag, due
 from sdtune.checkpoint.writer import PendingCheckpoint, free_gradients
 from sdtune.contracts import ImageData, Sampleable, find_callback, require
-from sdtune.models.sampling import generate, labelled_grid
+from sdtune.models.sampling import generate, labelled_grid, prompt_major
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,30 @@ def render_images(
             num_inference_steps,
             guidance_scale,
             resolution,
+        )
+
+
+def data_resolution(trainer: L.Trainer) -> int:
+    """The side the data module trains at (512 when it does not say)."""
+    datamodule = trainer.datamodule
+    return datamodule.resolution if isinstance(datamodule, ImageData) else 512
+
+
+def render_current(
+    trainer: L.Trainer,
+    pl_module: L.LightningModule,
+    prompts: list[str],
+    seeds: list[int],
+    num_inference_steps: int,
+    guidance_scale: float,
+) -> np.ndarray:
+    """Every prompt x seed (`prompt_major` order) at the data's resolution, from the weights a user would take
+    now: the EMA ones once training has stepped (when an EMA callback is present), else the current ones."""
+    all_prompts, all_seeds = prompt_major(prompts, seeds)
+    ema = find_callback(trainer, EMA) if trainer.global_step > 0 else None
+    with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
+        return render_images(
+            pl_module, all_prompts, all_seeds, num_inference_steps, guidance_scale, data_resolution(trainer)
         )
 
 
@@ -96,16 +120,12 @@ class SampleGrid(Callback):
 
     def render(self, pl_module: L.LightningModule, resolution: int, title: str = "") -> Image.Image:
         """The grid: a row per prompt (labelled with it), a column per seed, `title` on top."""
-        prompts = [p for p in self.prompts for _ in self.seeds]
-        seeds = [s for _ in self.prompts for s in self.seeds]
+        prompts, seeds = prompt_major(self.prompts, self.seeds)
         images = render_images(pl_module, prompts, seeds, self.num_inference_steps, self.guidance_scale, resolution)
         return labelled_grid(images, self.prompts, [f"seed {s}" for s in self.seeds], title)
 
     def _resolution(self, trainer: L.Trainer) -> int:
-        if self.resolution is not None:
-            return self.resolution
-        datamodule = trainer.datamodule
-        return datamodule.resolution if isinstance(datamodule, ImageData) else 512
+        return self.resolution if self.resolution is not None else data_resolution(trainer)
 
     def save_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path | None:
         path = samples_dir(trainer) / f"{checkpoint_tag(trainer)}.png"

@@ -17,7 +17,6 @@ seconds) and copied into the checkpoint of that step as `eval.json`; the scalars
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -28,14 +27,13 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from sdtune.callbacks.ema import EMA
-from sdtune.callbacks.sample_grid import render_images
+from sdtune.callbacks.sample_grid import data_resolution, render_current
 from sdtune.checkpoint.layout import checkpoint_tag, due
 from sdtune.checkpoint.writer import PendingCheckpoint
-from sdtune.contracts import ImageData, Sampleable, find_callback, require
+from sdtune.contracts import Sampleable, require
 from sdtune.eval.scorer import Scorer, ScoreSettings
 from sdtune.models.components import TINY_PRETRAINED
-from sdtune.models.sampling import labelled_grid
+from sdtune.models.sampling import labelled_grid, prompt_major
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -99,23 +97,17 @@ class Evaluate(L.Callback):
         if stage == "fit":
             require(pl_module, Sampleable, "Evaluate")
 
-    def _resolution(self, trainer: L.Trainer) -> int:
-        data = trainer.datamodule
-        return data.resolution if isinstance(data, ImageData) else 512
-
     def _path(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "evals" / f"{checkpoint_tag(trainer)}.json"
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
         started = time.perf_counter()
-        resolution = self._resolution(trainer)
         if self.scorer is None:
-            self.scorer = Scorer(self.settings, resolution, self.storage)
-        prompts = [p for p in self.prompts for _ in self.seeds]
-        seeds = [s for _ in self.prompts for s in self.seeds]
-        ema = find_callback(trainer, EMA) if trainer.global_step > 0 else None
-        with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
-            images = render_images(pl_module, prompts, seeds, self.num_inference_steps, self.guidance_scale, resolution)
+            self.scorer = Scorer(self.settings, data_resolution(trainer), self.storage)
+        images = render_current(
+            trainer, pl_module, self.prompts, self.seeds, self.num_inference_steps, self.guidance_scale
+        )
+        prompts, seeds = prompt_major(self.prompts, self.seeds)
         scores, pairs = self.scorer.score(images, prompts, seeds)
         record = {
             "step": trainer.global_step,

@@ -13,7 +13,6 @@ the run folder keeps both; a resumed run keeps the `before` of its first start.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -21,11 +20,11 @@ from typing import Any
 
 import lightning as L
 
-from sdtune.callbacks.ema import EMA
-from sdtune.callbacks.sample_grid import render_images
-from sdtune.contracts import ImageData, Sampleable, find_callback, require
+from sdtune.callbacks.sample_grid import render_current
+from sdtune.contracts import Sampleable, require
 from sdtune.eval.checker import Checker, asked_for, checker_folder
 from sdtune.models.components import TINY_PRETRAINED
+from sdtune.models.sampling import prompt_major
 
 log = logging.getLogger(__name__)
 SCORE_FILE = "checker_score.json"
@@ -68,13 +67,10 @@ class CheckerScore(L.Callback):
         return Path(trainer.default_root_dir) / SCORE_FILE
 
     def measure(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
-        data = trainer.datamodule
-        resolution = data.resolution if isinstance(data, ImageData) else 512
-        prompts = [p for p in self.prompts for _ in self.seeds]
-        seeds = [s for _ in self.prompts for s in self.seeds]
-        ema = find_callback(trainer, EMA) if trainer.global_step > 0 else None
-        with ema.swapped_in(pl_module) if ema is not None else contextlib.nullcontext():
-            images = render_images(pl_module, prompts, seeds, self.num_inference_steps, self.guidance_scale, resolution)
+        images = render_current(
+            trainer, pl_module, self.prompts, self.seeds, self.num_inference_steps, self.guidance_scale
+        )
+        prompts, _ = prompt_major(self.prompts, self.seeds)
         return {"step": trainer.global_step, **self.checker.score_rendered(images, prompts).summary()}
 
     def _read(self, trainer: L.Trainer) -> dict[str, Any]:

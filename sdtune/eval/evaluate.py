@@ -24,6 +24,7 @@ from sdtune.eval.page import write_page
 from sdtune.eval.render import ImageCache, Renderer, RenderStats, Sampler
 from sdtune.eval.scorer import Scorer, ScoreSettings
 from sdtune.eval.targets import Target, resolve_targets
+from sdtune.models.sampling import prompt_major
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -101,15 +102,12 @@ def evaluate(
     for target in targets:
         per_target = RenderStats()
         images = renderer.images(target, settings.prompts, settings.seeds, per_target)
-        stats.rendered, stats.cached, stats.seconds = (
-            stats.rendered + per_target.rendered, stats.cached + per_target.cached, stats.seconds + per_target.seconds
-        )  # fmt: skip
+        stats.add(per_target)
         result = TargetResult(target, images)
         result.metrics.update(rendered=per_target.rendered, cached=per_target.cached)
         results.append(result)
     scorer = Scorer(settings.scores, results[0].images.shape[1], storage)
-    prompts = [p for p in settings.prompts for _ in settings.seeds]
-    seeds = [s for _ in settings.prompts for s in settings.seeds]
+    prompts, seeds = prompt_major(settings.prompts, settings.seeds)
     for result in results:
         scores, result.pairs = scorer.score(result.images, prompts, seeds)
         result.metrics.update(scores)

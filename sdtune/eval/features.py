@@ -34,6 +34,17 @@ class Features(Protocol):
     def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
 
+def _source_name(source: str) -> str:
+    """A model's short name for the report: a folder's name, or a Hub id's last part."""
+    return Path(source).name if Path(source).exists() else source.split("/")[-1]
+
+
+def _embedding(output: torch.Tensor | object) -> torch.Tensor:
+    """`get_image_features` / `get_text_features`' result as a tensor (transformers 5 returns an output object
+    whose pooler_output is the projected embedding)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output  # type: ignore[attr-defined]
+
+
 def _pil(images: np.ndarray) -> list[Image.Image]:
     return [Image.fromarray((np.asarray(a) * 255).round().clip(0, 255).astype(np.uint8)) for a in images]
 
@@ -79,7 +90,7 @@ class VisionFeatures:
     def __init__(self, source: str, device: str = "cpu", batch_size: int = 64) -> None:
         from transformers import AutoImageProcessor, AutoModel
 
-        self.name = Path(source).name if Path(source).exists() else source.split("/")[-1]
+        self.name = _source_name(source)
         self.model = AutoModel.from_pretrained(source).to(device).eval()
         self.processor = AutoImageProcessor.from_pretrained(source)
         self.device, self.batch_size = device, batch_size
@@ -91,8 +102,7 @@ class VisionFeatures:
             batch = self.processor(images=_pil(images[start : start + self.batch_size]), return_tensors="pt")
             pixels = batch["pixel_values"].to(self.device)
             if hasattr(self.model, "get_image_features"):
-                embeds = self.model.get_image_features(pixel_values=pixels)
-                embeds = embeds if isinstance(embeds, torch.Tensor) else embeds.pooler_output
+                embeds = _embedding(self.model.get_image_features(pixel_values=pixels))
             else:
                 embeds = self.model(pixel_values=pixels).pooler_output
             out.append(embeds.double().cpu())
@@ -105,7 +115,7 @@ class ClipModel:
     def __init__(self, source: str, device: str = "cpu", batch_size: int = 64) -> None:
         from transformers import CLIPModel, CLIPProcessor
 
-        self.name = Path(source).name if Path(source).exists() else source.split("/")[-1]
+        self.name = _source_name(source)
         self.model = CLIPModel.from_pretrained(source).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(source)
         self.device, self.batch_size = device, batch_size
@@ -120,10 +130,10 @@ class ClipModel:
                 truncation=True,
             )  # fmt: skip
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            image = self.model.get_image_features(pixel_values=batch["pixel_values"])
-            text = self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            image = image if isinstance(image, torch.Tensor) else image.pooler_output
-            text = text if isinstance(text, torch.Tensor) else text.pooler_output
+            image = _embedding(self.model.get_image_features(pixel_values=batch["pixel_values"]))
+            text = _embedding(
+                self.model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            )
             image_out.append(image.double().cpu())
             text_out.append(text.double().cpu())
         return torch.cat(image_out).numpy(), torch.cat(text_out).numpy()

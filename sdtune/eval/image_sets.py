@@ -40,6 +40,11 @@ class ImageSet:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+def _image_set(images: list[np.ndarray], captions: list[str], names: list[str], size: int) -> ImageSet:
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
+    return ImageSet(stacked, captions, names)
+
+
 def _square(image: Image.Image, size: int) -> np.ndarray:
     square = resize_crop_flip_image(image.convert("RGB"), size, np.random.default_rng(0), False, 0.0)
     return np.asarray(square, dtype=np.float32) / 255.0
@@ -58,7 +63,7 @@ def _from_folder(folder: Path, size: int, limit: int | None, skipped: Counter[st
         caption = path.with_suffix(".txt")
         captions.append(caption.read_text().strip() if caption.is_file() else "")
         names.append(str(path.relative_to(folder)))
-    return ImageSet(np.stack(images) if images else np.zeros((0, size, size, 3), np.float32), captions, names)
+    return _image_set(images, captions, names, size)
 
 
 def _from_shards(spec: str, storage: Storage, size: int, limit: int | None, skipped: Counter[str]) -> ImageSet:
@@ -83,7 +88,7 @@ def _from_shards(spec: str, storage: Storage, size: int, limit: int | None, skip
                 images.append(_square(image, size))
                 captions.append(caption)
                 names.append(f"{Path(url).name}/{raw['__key__']}")
-    return ImageSet(np.stack(images) if images else np.zeros((0, size, size, 3), np.float32), captions, names)
+    return _image_set(images, captions, names, size)
 
 
 def read_image_set(spec: str, option: str, storage: Storage, size: int, limit: int | None = None) -> ImageSet:

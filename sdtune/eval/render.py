@@ -24,7 +24,7 @@ from PIL import Image
 
 from sdtune.eval.targets import Target
 from sdtune.models.components import SDComponents, build_pipeline, load_components, vae_scale_factor
-from sdtune.models.sampling import generate
+from sdtune.models.sampling import generate, prompt_major
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ class RenderStats:
     cached: int = 0
     seconds: float = 0.0
 
+    def add(self, other: RenderStats) -> None:
+        self.rendered, self.cached, self.seconds = (
+            self.rendered + other.rendered, self.cached + other.cached, self.seconds + other.seconds
+        )  # fmt: skip
+
     @property
     def images_per_second(self) -> float:
         return self.rendered / self.seconds if self.seconds > 0 else 0.0
@@ -109,7 +114,7 @@ class Renderer:
 
     def images(self, target: Target, prompts: list[str], seeds: list[int], stats: RenderStats) -> np.ndarray:
         """(len(prompts) * len(seeds), H, W, 3) in [0, 1], prompt-major; renders what the cache lacks."""
-        pairs = [(p, s) for p in prompts for s in seeds]
+        pairs = list(zip(*prompt_major(prompts, seeds), strict=True))
         paths = [self.cache.path(target.identity, p, s, self.sampler) for p, s in pairs]
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         stats.cached += len(pairs) - len(missing)

@@ -11,6 +11,12 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from sdtune.models.components import build_pipeline
 
 
+def prompt_major(prompts: list[str], seeds: list[int]) -> tuple[list[str], list[int]]:
+    """Every prompt x every seed, prompt by prompt: the zipped lists `generate` takes, in grid order (a row per
+    prompt, a column per seed)."""
+    return [p for p in prompts for _ in seeds], [s for _ in prompts for s in seeds]
+
+
 @torch.no_grad()
 def generate(
     unet: UNet2DConditionModel,

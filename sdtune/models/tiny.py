@@ -186,15 +186,8 @@ def tiny_pretrained_scheduler() -> DDPMScheduler:
     fine-tunes and SDXL derivatives). At 16x16 latents SD's own schedule leaks the image's mean colour: at
     t=999 the per-channel latent means keep a signal of std ~0.05 against a noise mean of std ~0.06, so a UNet
     learns to read colour from the noise, and from pure noise at sampling time it draws a colour at random."""
-    return DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type="v_prediction",
-        rescale_betas_zero_snr=True,
-        timestep_spacing="trailing",
-        clip_sample=False,
+    return DDPMScheduler.from_config(
+        tiny_scheduler("v_prediction").config, rescale_betas_zero_snr=True, timestep_spacing="trailing"
     )
 
 

@@ -17,7 +17,7 @@ from sdtune.eval.checker import Checker
 from sdtune.fileio import sha256_file
 from sdtune.models import tiny
 from sdtune.models.components import SDComponents, load_components
-from sdtune.models.sampling import generate, labelled_grid
+from sdtune.models.sampling import generate, labelled_grid, prompt_major
 from sdtune.research.tiny_model.vae import load_images, reconstruction_figures
 
 EVAL_STEPS = 25
@@ -65,8 +65,7 @@ def render_and_score(
     parts: SDComponents, checker: Checker, prompts: list[str], seeds: list[int]
 ) -> tuple[np.ndarray, dict]:
     """Images of every prompt x seed (row-major) from the model `parts`, and the checker's summary."""
-    all_prompts = [p for p in prompts for _ in seeds]
-    all_seeds = [s for _ in prompts for s in seeds]
+    all_prompts, all_seeds = prompt_major(prompts, seeds)
     images = np.concatenate(
         [
             generate(
