@@ -30,9 +30,15 @@ def read_scores(folder: Path) -> dict[str, float] | None:
 def _scores_section(scores: dict[str, float] | None, folder: str) -> list[str]:
     if not scores:
         return []
-    rows = [f"| {name} | {value:.4g} |" for name, value in scores.items()]
+    rows = []
+    for name, value in scores.items():
+        if name.endswith(("_low", "_high")):
+            continue
+        low, high = scores.get(f"{name}_low"), scores.get(f"{name}_high")
+        interval = f"{low:.4g} to {high:.4g}" if low is not None and high is not None else ""
+        rows.append(f"| {name} | {value:.4g} | {interval} |")
     return ["## Scores", "", f"From `{folder}/{SCORES_FILE}` (sdtune's Evaluate callback).", "",
-            "| metric | value |", "| --- | --- |", *rows, ""]  # fmt: skip
+            "| metric | value | 95% interval |", "| --- | --- | --- |", *rows, ""]  # fmt: skip
 
 
 def model_card(

@@ -31,7 +31,7 @@ from sdtune.callbacks.sample_grid import data_resolution, render_current
 from sdtune.checkpoint.layout import checkpoint_tag, due
 from sdtune.checkpoint.writer import PendingCheckpoint
 from sdtune.contracts import Sampleable, require
-from sdtune.eval.scorer import Scorer, ScoreSettings
+from sdtune.eval.scorer import HIGHER_IS_BETTER, Scorer, ScoreSettings
 from sdtune.models.components import TINY_PRETRAINED
 from sdtune.models.sampling import labelled_grid, prompt_major
 from sdtune.storage import Storage
@@ -113,6 +113,7 @@ class Evaluate(L.Callback):
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "metrics": scores,
+            "higher_is_better": HIGHER_IS_BETTER,
             "closest_pairs": pairs,
             "prompts": self.prompts,
             "seeds": self.seeds,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sdtune.eval.evaluate import HIGHER_IS_BETTER, EvalSettings, evaluate, parse_seeds
+from sdtune.eval.evaluate import EvalSettings, evaluate, parse_seeds
 from sdtune.eval.image_sets import read_prompts
 from sdtune.eval.render import Sampler
-from sdtune.eval.scorer import ScoreSettings
+from sdtune.eval.scorer import HIGHER_IS_BETTER, ScoreSettings
 from sdtune.storage import Storage
 from sdtune.storage.settings import S3Settings
 
@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip", default=None, help="a CLIP model (Hub id or folder) for CLIP score")
     p.add_argument("--real", default=None, help="held-out real images (folder or shards) for FD and KID")
     p.add_argument("--train", default=None, help="training images (folder or shards) for memorisation")
+    p.add_argument("--val_shards", default=None, help="held-out shards: each checkpoint's denoising loss at fixed "
+                   "noise and timesteps (the sweep's val/loss)")  # fmt: skip
+    p.add_argument("--val_batches", type=int, default=16, help="at most this many held-out batches of --batch_size")
     p.add_argument("--memorisation_threshold", type=float, default=0.95, help="cosine similarity counted as a copy")
     p.add_argument("--max_images", type=int, default=2000, help="at most this many real / training images")
     p.add_argument("--rank_by", default=None, choices=sorted(HIGHER_IS_BETTER), help="metric that ranks checkpoints")
@@ -64,6 +67,8 @@ def main(args: list[str]) -> None:
             memorisation_threshold=options.memorisation_threshold,
             max_images=options.max_images,
         ),
+        val_shards=options.val_shards,
+        val_batches=options.val_batches,
     )
     record = evaluate(
         options.checkpoints,

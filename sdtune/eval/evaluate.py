@@ -20,17 +20,15 @@ from typing import Any
 
 import numpy as np
 
+from sdtune.eval.heldout import HeldoutCache
 from sdtune.eval.page import write_page
 from sdtune.eval.render import ImageCache, Renderer, RenderStats, Sampler
-from sdtune.eval.scorer import Scorer, ScoreSettings
+from sdtune.eval.scorer import HIGHER_IS_BETTER, Scorer, ScoreSettings
 from sdtune.eval.targets import Target, resolve_targets
 from sdtune.models.sampling import prompt_major
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
-
-# Metric name -> True when higher is better.
-HIGHER_IS_BETTER = {"checker_all": True, "clip_score": True, "fd": False, "kid": False, "nn_similarity": False}
 
 
 @dataclass
@@ -39,6 +37,8 @@ class EvalSettings:
     seeds: list[int]
     sampler: Sampler
     scores: ScoreSettings
+    val_shards: str | None = None  # held-out shards for the denoising loss (the sweep's val/loss)
+    val_batches: int = 16
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TargetResult:
     images: np.ndarray  # (P * S, H, W, 3), prompt-major
     metrics: dict[str, Any] = field(default_factory=dict)
     pairs: list[dict[str, Any]] = field(default_factory=list)  # the closest (generated, training) pairs
+    files: list[str] = field(default_factory=list)  # the cached PNGs, relative to the output folder, prompt-major
 
 
 def parse_seeds(seeds: str) -> list[int]:
@@ -59,18 +60,15 @@ def parse_seeds(seeds: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
-def best_by_metric(results: list[TargetResult]) -> dict[str, str]:
-    best = {}
-    for name, higher in HIGHER_IS_BETTER.items():
-        scored = [(r.metrics[name], r.target.label) for r in results if name in r.metrics]
-        if scored:
-            best[name] = (max if higher else min)(scored)[1]
-    return best
-
-
 def ranking(results: list[TargetResult], by: str) -> list[str]:
+    """Labels ordered best first by metric `by`; ties keep the earlier checkpoint first."""
     scored = [r for r in results if by in r.metrics]
-    return [r.target.label for r in sorted(scored, key=lambda r: r.metrics[by], reverse=HIGHER_IS_BETTER[by])]
+    ordered = sorted(scored, key=lambda r: -r.metrics[by] if HIGHER_IS_BETTER[by] else r.metrics[by])
+    return [r.target.label for r in ordered]
+
+
+def best_by_metric(results: list[TargetResult]) -> dict[str, str]:
+    return {name: order[0] for name in HIGHER_IS_BETTER if (order := ranking(results, name))}
 
 
 def _write_csv(path: Path, results: list[TargetResult]) -> None:
@@ -98,13 +96,22 @@ def evaluate(
     targets = resolve_targets(checkpoints, out / "downloads", storage, base=base, use_ema=use_ema)
     renderer = Renderer(ImageCache(out / "cache"), settings.sampler, batch_size)
     stats = RenderStats()
+    heldout = (
+        HeldoutCache(out / "cache" / "heldout.json", settings.val_shards, settings.val_batches)
+        if settings.val_shards
+        else None
+    )
     results = []
     for target in targets:
         per_target = RenderStats()
         images = renderer.images(target, settings.prompts, settings.seeds, per_target)
         stats.add(per_target)
         result = TargetResult(target, images)
+        result.files = [str(path.relative_to(out)) for path in renderer.paths(target, settings.prompts, settings.seeds)]
         result.metrics.update(rendered=per_target.rendered, cached=per_target.cached)
+        if heldout is not None:
+            base_parts = renderer.base(target.base_model)
+            result.metrics["val_loss"] = heldout.loss(target, base_parts, images.shape[1])
         results.append(result)
     scorer = Scorer(settings.scores, results[0].images.shape[1], storage)
     prompts, seeds = prompt_major(settings.prompts, settings.seeds)
@@ -138,10 +145,12 @@ def evaluate(
                 "weights": str(r.target.weights) if r.target.weights else None,
                 "metrics": r.metrics,
                 "closest_pairs": r.pairs,
+                "images": r.files,
             }
             for r in results
         ],  # fmt: skip
         "best": best_by_metric(results),
+        "higher_is_better": HIGHER_IS_BETTER,
         "ranking": {"by": order_by, "order": ranking(results, order_by) if order_by else []},
     }
     (out / "eval.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -139,3 +139,22 @@ def nearest(generated: np.ndarray, train: np.ndarray) -> tuple[np.ndarray, np.nd
     similarity = _normalise(generated) @ _normalise(train).T
     index = similarity.argmax(axis=1)
     return similarity[np.arange(len(generated)), index], index
+
+
+@dataclass(frozen=True)
+class MeanEstimate:
+    value: float
+    low: float  # 2.5th percentile of the mean over bootstrap resamples of the images
+    high: float  # 97.5th percentile
+
+
+def mean_interval(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> MeanEstimate:
+    """The mean of per-image values (a checker hit, a CLIP score, a nearest-neighbour similarity) with a 95%
+    percentile bootstrap interval over the images: the error bar of a score from a few dozen images."""
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if len(x) == 0:
+        raise ValueError("metrics: mean_interval of no values")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), (resamples, len(x)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return MeanEstimate(float(x.mean()), float(low), float(high))

@@ -34,6 +34,7 @@ _CURVES = (
     ("kid", "KID to held-out images (lower is better)"),
     ("clip_score", "CLIP score"),
     ("nn_similarity", "similarity to nearest training image"),
+    ("val_loss", "held-out denoising loss (lower is better)"),
 )
 
 
@@ -53,15 +54,16 @@ def _curves(record: dict[str, Any]) -> list[tuple[str, bytes]]:
     figures = []
     rows = record["checkpoints"]
     for name, title in _CURVES:
-        points = [(r["step"], r["metrics"][name]) for r in rows if name in r["metrics"]]
-        if not points:
+        scored = [r for r in rows if name in r["metrics"]]
+        if not scored:
             continue
         figure, axis = plt.subplots(figsize=(4.2, 2.8))
-        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o")
-        if name == "fd":
-            low = [r["metrics"]["fd_low"] for r in rows if "fd" in r["metrics"]]
-            high = [r["metrics"]["fd_high"] for r in rows if "fd" in r["metrics"]]
-            axis.fill_between([p[0] for p in points], low, high, alpha=0.2, label="95% bootstrap")
+        steps = [r["step"] for r in scored]
+        axis.plot(steps, [r["metrics"][name] for r in scored], marker="o")
+        if all(f"{name}_low" in r["metrics"] for r in scored):
+            low = [r["metrics"][f"{name}_low"] for r in scored]
+            axis.fill_between(steps, low, [r["metrics"][f"{name}_high"] for r in scored], alpha=0.2,
+                              label="95% bootstrap over images")  # fmt: skip
             axis.legend(fontsize=7)
         axis.set(xlabel="training step (0 = base model)", title=title)
         axis.title.set_fontsize(9)
@@ -74,7 +76,7 @@ def _curves(record: dict[str, Any]) -> list[tuple[str, bytes]]:
 
 def _score_table(record: dict[str, Any]) -> list[list[str]]:
     names = [n for n in ("checker_all", "checker_shape", "checker_color", "checker_digit", "fd", "fd_infinity", "kid",
-                         "clip_score", "nn_similarity", "memorised_fraction", "rendered", "cached")
+                         "clip_score", "nn_similarity", "memorised_fraction", "val_loss", "rendered", "cached")
              if any(n in r["metrics"] for r in record["checkpoints"])]  # fmt: skip
     best = record["best"]
     rows = [["checkpoint", "step", *names]]

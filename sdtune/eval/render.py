@@ -81,7 +81,7 @@ class RenderStats:
         return self.rendered / self.seconds if self.seconds > 0 else 0.0
 
 
-def _unet_of(target: Target, base: SDComponents) -> UNet2DConditionModel:
+def unet_of(target: Target, base: SDComponents) -> UNet2DConditionModel:
     if target.weights is None:
         return base.unet
     if not target.lora:
@@ -112,10 +112,15 @@ class Renderer:
         assert self._base is not None
         return self._base
 
+    def paths(self, target: Target, prompts: list[str], seeds: list[int]) -> list[Path]:
+        """The cache files of a target's images, prompt-major."""
+        pairs = zip(*prompt_major(prompts, seeds), strict=True)
+        return [self.cache.path(target.identity, p, s, self.sampler) for p, s in pairs]
+
     def images(self, target: Target, prompts: list[str], seeds: list[int], stats: RenderStats) -> np.ndarray:
         """(len(prompts) * len(seeds), H, W, 3) in [0, 1], prompt-major; renders what the cache lacks."""
         pairs = list(zip(*prompt_major(prompts, seeds), strict=True))
-        paths = [self.cache.path(target.identity, p, s, self.sampler) for p, s in pairs]
+        paths = self.paths(target, prompts, seeds)
         missing = [i for i, path in enumerate(paths) if not path.is_file()]
         stats.cached += len(pairs) - len(missing)
         if missing:
@@ -124,7 +129,7 @@ class Renderer:
 
     def _render(self, target: Target, pairs: list[tuple[str, int]], paths: list[Path], stats: RenderStats) -> None:
         base = self.base(target.base_model)
-        unet = _unet_of(target, base).to(self.device).eval()
+        unet = unet_of(target, base).to(self.device).eval()
         resolution = self.sampler.resolution or unet.config.sample_size * vae_scale_factor(base.vae)
         autocast = (
             torch.autocast(self.device.type, dtype=torch.bfloat16)

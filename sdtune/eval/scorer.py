@@ -14,6 +14,12 @@ from sdtune.eval.features import ClipModel, Features, load_features
 from sdtune.eval.image_sets import ImageSet, read_image_set
 from sdtune.storage import Storage
 
+# The headline metrics, each with whether higher is better (written into every eval.json, so a reader such as
+# the Hub publisher's `hub_root: best:<metric>` needs no import of this module).
+HIGHER_IS_BETTER = {
+    "checker_all": True, "clip_score": True, "fd": False, "kid": False, "nn_similarity": False, "val_loss": False,
+}  # fmt: skip
+
 
 @dataclass
 class ScoreSettings:
@@ -24,6 +30,12 @@ class ScoreSettings:
     train: str | None = None  # training images for memorisation
     memorisation_threshold: float = 0.95
     max_images: int = 2000
+
+
+def _interval(name: str, per_image: np.ndarray) -> dict[str, float]:
+    """`name` (the mean over images) with `name_low` and `name_high`, its 95% bootstrap interval."""
+    estimate = metrics.mean_interval(per_image)
+    return {name: estimate.value, f"{name}_low": estimate.low, f"{name}_high": estimate.high}
 
 
 class Scorer:
@@ -56,8 +68,11 @@ class Scorer:
         out: dict[str, float] = {}
         pairs: list[dict[str, Any]] = []
         if self.checker is not None:
-            summary = self.checker.score_rendered(images, prompts).summary()
-            out.update({f"checker_{k}": v for k, v in summary.items() if k != "count"})
+            result = self.checker.score_rendered(images, prompts)
+            out.update({f"checker_{k}": v for k, v in result.summary().items() if k != "count"})
+            hits = [all(h.values()) for h in map(result.hits, range(len(prompts))) if h]
+            if hits:
+                out.update(_interval("checker_all", np.asarray(hits, dtype=np.float64)))
         generated = self.features(images) if self.features is not None else None
         if generated is not None and self.real_features is not None:
             fd = metrics.fd_interval(generated, self.real_features)
@@ -69,7 +84,7 @@ class Scorer:
         if generated is not None and self.train_features is not None and self.train is not None:
             similarity, index = metrics.nearest(generated, self.train_features)
             out.update(
-                nn_similarity=float(similarity.mean()),
+                **_interval("nn_similarity", similarity),
                 nn_similarity_max=float(similarity.max()),
                 memorised_fraction=float((similarity >= self.settings.memorisation_threshold).mean()),
             )
@@ -81,5 +96,5 @@ class Scorer:
         if self.clip is not None:
             image_embeds, text_embeds = self.clip.embed(images, prompts)
             scores = metrics.clip_score(image_embeds, text_embeds)
-            out.update(clip_score=float(scores.mean()), clip_score_std=float(scores.std()))
+            out.update(**_interval("clip_score", scores), clip_score_std=float(scores.std()))
         return out, pairs

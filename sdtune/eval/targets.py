@@ -7,7 +7,9 @@ model's: of its UNet weights file), which keys the image cache.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,33 +90,60 @@ def _remote_targets(url: str, download_dir: Path, storage: Storage, use_ema: boo
     return targets
 
 
+def _plan_targets(plan: Path, use_ema: bool) -> list[Target]:
+    """A sweep plan's runs, each as its newest complete checkpoint, labelled with the run's name."""
+    targets = []
+    for run in json.loads(plan.read_text())["runs"]:
+        checkpoints = Path(run["run_dir"]) / "checkpoints"
+        ref = next((r for r in list_checkpoints(checkpoints) if verify_checkpoint(r.path, False) is None), None)
+        if ref is None:
+            log.warning("eval: %s has no complete checkpoint in %s; run it first", run["name"], checkpoints)
+            continue
+        targets.append(dataclasses.replace(checkpoint_target(ref.path, use_ema), label=run["name"]))
+    return targets
+
+
+def _run_targets(folder: Path, use_ema: bool) -> list[Target]:
+    """Every complete checkpoint of a run's checkpoint folder, oldest first."""
+    targets = []
+    for ref in reversed(list_checkpoints(folder)):
+        problem = verify_checkpoint(ref.path, check_hashes=False)
+        if problem is not None:
+            log.warning("eval: skipping %s: %s", ref.path, problem)
+            continue
+        targets.append(checkpoint_target(ref.path, use_ema))
+    return targets
+
+
 def resolve_targets(
     sources: list[str], download_dir: Path, storage: Storage, base: bool = False, use_ema: bool = True
 ) -> list[Target]:
-    """Targets from `sources` (run folders, checkpoint folders, s3:// or hf:// checkpoint URLs), by step, the base
-    model first when `base`. Incomplete local checkpoints are skipped with a warning."""
+    """Targets from `sources` (run folders, checkpoint folders, a sweep's plan.json, s3:// or hf:// checkpoint
+    URLs), by step (a sweep's runs in the plan's order), the base model first when `base`. Incomplete local
+    checkpoints are skipped with a warning."""
     targets: list[Target] = []
+    sweep = False
     for source in sources:
         if is_remote(source):
             targets += _remote_targets(source.rstrip("/"), download_dir, storage, use_ema)
             continue
         path = Path(source)
-        if (path / "manifest.json").is_file():
+        if path.is_file() and path.suffix == ".json":
+            targets += _plan_targets(path, use_ema)
+            sweep = True
+        elif (path / "manifest.json").is_file():
             targets.append(checkpoint_target(path, use_ema))
         elif (path / "checkpoints").is_dir() or (path.is_dir() and any(parse_tag(p.name) for p in path.iterdir())):
-            folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            for ref in reversed(list_checkpoints(folder)):
-                problem = verify_checkpoint(ref.path, check_hashes=False)
-                if problem is not None:
-                    log.warning("eval: skipping %s: %s", ref.path, problem)
-                    continue
-                targets.append(checkpoint_target(ref.path, use_ema))
+            targets += _run_targets(path / "checkpoints" if (path / "checkpoints").is_dir() else path, use_ema)
         else:
-            raise ValueError(f"eval: {source} is neither a run folder (with checkpoints/) nor a checkpoint folder")
+            raise ValueError(
+                f"eval: {source} is neither a run folder (with checkpoints/), a checkpoint folder nor a sweep plan"
+            )
     if not targets and not base:
         raise ValueError(f"eval: no complete checkpoint in {', '.join(sources)}")
     bases = sorted({t.base_model for t in targets}) or [TINY_PRETRAINED]
     if len(bases) > 1:
         raise ValueError(f"eval: the checkpoints come from different base models ({bases}); evaluate them apart")
-    targets.sort(key=lambda t: t.step)
+    if not sweep:
+        targets.sort(key=lambda t: t.step)
     return ([base_target(bases[0])] if base else []) + targets

@@ -225,10 +225,15 @@ class SDFineTune(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(batch["caption"]))
         return loss
 
+    def heldout_loss(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """Loss with noise and timesteps fixed per (batch, rank): comparable across runs and checkpoints (also
+        `sdtune eval --val_shards`)."""
+        seed = int(np.random.SeedSequence([_VAL_SEED, batch_idx, self.global_rank]).generate_state(1)[0])
+        return self.compute_loss(batch, torch.Generator(device=self.device).manual_seed(seed))
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """Loss on held-out data with noise and timesteps fixed per (batch, rank): comparable across runs."""
-        seed = int(np.random.SeedSequence([_VAL_SEED, batch_idx, self.global_rank]).generate_state(1)[0])
-        loss = self.compute_loss(batch, torch.Generator(device=self.device).manual_seed(seed))
+        loss = self.heldout_loss(batch, batch_idx)
         self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=len(batch["caption"]))
         return loss
 

@@ -58,10 +58,15 @@ def test_model_card_shows_the_scores_of_the_checkpoints_eval_json(tmp_path: Path
     from sdtune.checkpoint.card import model_card, read_scores
 
     assert read_scores(tmp_path) is None
-    (tmp_path / "eval.json").write_text(json.dumps({"step": 8, "metrics": {"checker_all": 0.5, "fd": 1.25}}))
+    (tmp_path / "eval.json").write_text(
+        json.dumps(
+            {"step": 8, "metrics": {"checker_all": 0.5, "checker_all_low": 0.25, "checker_all_high": 0.75, "fd": 1.25}}
+        )
+    )
     scores = read_scores(tmp_path)
-    assert scores == {"checker_all": 0.5, "fd": 1.25}
+    assert scores == {"checker_all": 0.5, "checker_all_low": 0.25, "checker_all_high": 0.75, "fd": 1.25}
     meta = {"base_model": "tiny-pretrained", "epoch": 0, "step": 8, "train_mode": "full", "ema": True}
     card = model_card("user/repo", "epoch=0000-step=000008", meta, {}, "32-true", 1, scores=scores)
-    assert "## Scores" in card and "| fd | 1.25 |" in card and "| checker_all | 0.5 |" in card
+    assert "## Scores" in card and "| fd | 1.25 |  |" in card and "| checker_all | 0.5 | 0.25 to 0.75 |" in card
+    assert "checker_all_low" not in card
     assert "## Scores" not in model_card("user/repo", "epoch=0000-step=000008", meta, {}, "32-true", 1)

@@ -147,3 +147,15 @@ def test_pixel_features_tell_a_copy_from_an_image_of_the_same_kind() -> None:
     similarity, index = metrics.nearest(pixels(np.concatenate([copy, other])), pixels(train))
     assert pixels(train).shape == (6, 16 * 16 * 3) and index[0] == 2
     assert similarity[0] > 0.99 > 0.5 > similarity[1]
+
+
+def test_mean_interval_matches_the_normal_approximation_for_a_proportion() -> None:
+    hits = np.array([1.0] * 50 + [0.0] * 50)  # 100 images, half of them right
+    estimate = metrics.mean_interval(hits)
+    assert estimate.value == 0.5
+    # The binomial standard error is sqrt(0.25 / 100) = 0.05: a 95% interval of about +-0.098.
+    assert abs((estimate.high - estimate.low) / 2 - 0.098) < 0.015
+    assert estimate.low < 0.5 < estimate.high
+    wide = metrics.mean_interval(hits[::4])  # 25 images: twice as wide
+    assert 1.6 < (wide.high - wide.low) / (estimate.high - estimate.low) < 2.4
+    assert metrics.mean_interval(hits) == estimate, "seeded"
