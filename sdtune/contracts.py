@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     import lightning as L
 
     from sdtune.storage import Storage
@@ -119,3 +121,13 @@ def require(module: object, protocol: type, needed_by: str) -> None:
             f"{type(module).__name__} lacks {', '.join(missing)}. Remove {needed_by} from trainer.callbacks "
             "or use a model that has them"
         )
+
+
+@runtime_checkable
+class PipelineExportable(Protocol):
+    """A module whose checkpoints, with the base model's other parts, make a complete diffusers pipeline (the Hub
+    repository's root, `hub_root`)."""
+
+    def save_base_pipeline(self, folder: Path) -> None:
+        """Write the base model as a diffusers pipeline folder (safetensors), with this module's scheduler."""
+        ...

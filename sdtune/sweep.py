@@ -4,7 +4,9 @@
     python -m sdtune.sweep plan --base_config configs/sd15_lora.yaml --subsets data/ds-sweep --out runs/sweep
     python -m sdtune.sweep run --plan runs/sweep/plan.json          # one run after another, here
     python -m sdtune.slurm render sweep_array configs/sd15_lora.yaml --plan runs/sweep/plan.json   # or a SLURM array
+    sdtune eval runs/sweep/plan.json --base --prompts P.txt --out runs/sweep/eval   # optional: image quality
     python -m sdtune.sweep report --plan runs/sweep/plan.json       # report.md, report.csv, val_loss.png
+                                                                    # (+ quality.png, quality.csv, matrix.png)
 
 Step rule: steps = clamp(round(epochs x size / (batch_size x devices x num_nodes)), min_steps, max_steps).
 Every run validates on the same held-out set (subsets' `val/`) with fixed noise and timesteps at its last
@@ -45,8 +47,9 @@ def plan(
     epochs: float = 10.0,
     min_steps: int = 20,
     max_steps: int = 20_000,
+    seeds: list[int] | None = None,
 ) -> Path:
-    """Write one training config per subset size and `plan.json`.
+    """Write one training config per subset size (and seed) and `plan.json`.
 
     Args:
         base_config: The training config every run starts from (model, data settings, callbacks).
@@ -56,6 +59,8 @@ def plan(
         epochs: Passes over each subset (the step rule).
         min_steps: At least this many steps per run.
         max_steps: At most this many steps per run.
+        seeds: Train each size once per seed (seed_everything and the model's noise seed), for error bars over
+            runs; default: once, with the base config's seeds.
     """
     info_path = subsets / "subsets.json"
     if not info_path.is_file():
@@ -75,10 +80,15 @@ def plan(
     global_batch = int(data.get("batch_size", 4)) * world
     out = out.resolve()
     runs = []
-    for size in sizes:
-        name = f"size-{size:06d}"
+    if seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
+        raise ValueError(f"--seeds: give distinct seeds, e.g. [0,1,2]; got {seeds}")
+    for size, seed in [(size, seed) for size in sizes for seed in (seeds or [None])]:
+        name = f"size-{size:06d}" + (f"-seed-{seed}" if seed is not None else "")
         steps = steps_for(size, global_batch, epochs, min_steps, max_steps)
         run_config = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
+        if seed is not None:
+            run_config["seed_everything"] = seed
+            run_config["model"].setdefault("init_args", {})["seed"] = seed
         run_config["data"]["init_args"].update(
             shards=str((subsets / name).resolve()), val_shards=str((subsets / "val").resolve())
         )
@@ -101,11 +111,13 @@ def plan(
         path = out / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
-            f"# sweep run {name}: {size} images, {steps} steps (from {base_config})\n" + yaml.safe_dump(run_config)
+            f"# sweep run {name}: {size} images, {steps} steps{'' if seed is None else f', seed {seed}'} "
+            f"(from {base_config})\n" + yaml.safe_dump(run_config)
         )
         runs.append(
-            {"name": name, "size": size, "steps": steps, "config": str(path), "run_dir": str(out / "runs" / name)}
-        )
+            {"name": name, "size": size, "seed": seed, "steps": steps, "config": str(path),
+             "run_dir": str(out / "runs" / name)}
+        )  # fmt: skip
     plan_path = out / "plan.json"
     rule = {"epochs": epochs, "min_steps": min_steps, "max_steps": max_steps, "global_batch": global_batch}
     plan_path.write_text(
@@ -144,7 +156,9 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
     grids = sorted((run_dir / "samples").glob("*.png"))
     metrics = summary["metrics"] if summary else {}
     return {
+        "run": entry["name"],
         "size": entry["size"],
+        "seed": entry.get("seed"),
         "steps": summary["steps"] if summary else None,
         "wall_s": round(summary["wall_s"], 1) if summary else None,
         "images_per_s": round(summary["images_per_s"], 2) if summary else None,
@@ -155,26 +169,38 @@ def _row(entry: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def report(plan: Path) -> Path:
-    """Collect the runs into report.md (table + plot + sample grids), report.csv and val_loss.png.
+def report(plan: Path, eval_json: Path | None = None) -> Path:
+    """Collect the runs into report.md (table + plot + sample grids), report.csv and val_loss.png; with an
+    evaluation of the runs (`sdtune eval PLAN --out SWEEP/eval`), also quality.png, quality.csv and matrix.png.
 
     Args:
         plan: plan.json from `python -m sdtune.sweep plan`.
+        eval_json: eval.json of `sdtune eval` on the plan (default: eval/eval.json beside the plan).
     """
     import matplotlib
+
+    from sdtune.sweep_quality import quality_section, size_points
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [_row(entry) for entry in read_plan(plan)["runs"]]
+    plan_runs = read_plan(plan)["runs"]
+    rows = [_row(entry) for entry in plan_runs]
     out = plan.parent
     with (out / "report.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    done = [r for r in rows if r["val_loss"] is not None]
+    losses = {r["run"]: {"val_loss": r["val_loss"]} for r in rows if r["val_loss"] is not None}
+    points = size_points(plan_runs, losses, "val_loss")  # error bars: the std over a size's runs, when several
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([r["size"] for r in done], [r["val_loss"] for r in done], "o-")
+    axis.errorbar(
+        [p.size for p in points],
+        [p.value for p in points],
+        yerr=[[p.value - p.low for p in points], [p.high - p.value for p in points]],
+        marker="o",
+        capsize=3,
+    )
     axis.set(xscale="log", xlabel="training images", ylabel="held-out loss (fixed noise)", title="Dataset-size sweep")
     axis.grid(alpha=0.3)
     figure.tight_layout()
@@ -185,17 +211,18 @@ def report(plan: Path) -> Path:
         "",
         "![held-out loss by dataset size](val_loss.png)",
         "",
-        "| images | steps | wall time (s) | images/s | held-out loss | train loss | samples | status |",
-        "|---:|---:|---:|---:|---:|---:|---|---|",
+        "| images | seed | steps | wall time (s) | images/s | held-out loss | train loss | samples | status |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         link = f"[grid]({Path(r['samples']).relative_to(out)})" if r["samples"] else ""
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else ""
         train = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
         lines.append(
-            f"| {r['size']} | {r['steps'] or ''} | {r['wall_s'] or ''} | {r['images_per_s'] or ''} | {val} | {train} "
-            f"| {link} | {r['status']} |"
+            f"| {r['size']} | {'' if r['seed'] is None else r['seed']} | {r['steps'] or ''} | {r['wall_s'] or ''} "
+            f"| {r['images_per_s'] or ''} | {val} | {train} | {link} | {r['status']} |"
         )
+    lines += quality_section(plan_runs, eval_json or out / "eval" / "eval.json", out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from data_tools.make_shards import make_shards
 from data_tools.subsets import subset_dir, subsets
@@ -57,15 +58,21 @@ def test_sweep_30_100_300_end_to_end(tmp_path: Path) -> None:
     runs = read_plan(plan_path)["runs"]
     assert [(r["size"], r["steps"]) for r in runs] == [(30, 8), (100, 25), (300, 30)]  # round(size / 4), capped
 
-    for command in ("run", "report"):
-        result = subprocess.run(
-            [sys.executable, "-m", "sdtune.sweep", command, "--plan", str(plan_path)],
-            cwd=REPO,
-            env=train_env(),
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a large red circle on a blue background\na photo of a small green square\n")
+    subsets_dir = tmp_path / "subsets"
+    commands = [
+        [sys.executable, "-m", "sdtune.sweep", "run", "--plan", str(plan_path)],
+        # Every run's final checkpoint and the base model, scored: checker, pixel-space FD/KID against the
+        # held-out images, memorisation against the largest subset, the held-out loss.
+        [sys.executable, "-m", "sdtune", "eval", str(plan_path), "--base", "--prompts", str(prompts), "--seeds",
+         "0,1", "--steps", "4", "--features", "pixels", "--real", str(subsets_dir / "val"), "--train",
+         str(subset_dir(subsets_dir, 300)), "--val_shards", str(subsets_dir / "val"), "--val_batches", "2",
+         "--out", str(tmp_path / "sweep" / "eval")],
+        [sys.executable, "-m", "sdtune.sweep", "report", "--plan", str(plan_path)],
+    ]  # fmt: skip
+    for command in commands:
+        result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=900)
         assert result.returncode == 0, result.stderr[-4000:]
 
     sweep = tmp_path / "sweep"
@@ -79,13 +86,26 @@ def test_sweep_30_100_300_end_to_end(tmp_path: Path) -> None:
     assert (sweep / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (sweep / "report.md").read_text()
     assert "![held-out loss by dataset size](val_loss.png)" in table
-    assert (
-        sum(
-            line.startswith("| 30 |") or line.startswith("| 100 |") or line.startswith("| 300 |")
-            for line in table.splitlines()
-        )
-        == 3
-    )
+    run_rows = [line for line in table.splitlines() if line.endswith("| done |")]
+    assert [line.split("|")[1].strip() for line in run_rows] == ["30", "100", "300"]
+    # The quality half: metrics against size (with error bars), one CSV row per run, the image matrix.
+    assert "## Image quality against dataset size" in table and "![image matrix](matrix.png)" in table
+    with (sweep / "quality.csv").open() as f:
+        quality = list(csv.DictReader(f))
+    assert [q["run"] for q in quality] == ["base"] + [r["name"] for r in runs]
+    for row in quality:
+        assert 0 <= float(row["checker_all"]) <= 1 and float(row["fd"]) >= 0 and float(row["kid"]) > -1
+        assert 0 < float(row["nn_similarity"]) <= 1 and math.isfinite(float(row["val_loss"]))
+    eval_record = json.loads((sweep / "eval" / "eval.json").read_text())
+    labels = [c["label"] for c in eval_record["checkpoints"]]
+    assert labels == ["base", *(r["name"] for r in runs)], "a sweep's runs are evaluated in the plan's order"
+    for checkpoint in eval_record["checkpoints"][1:]:
+        assert checkpoint["metrics"]["fd_low"] <= checkpoint["metrics"]["fd"] <= checkpoint["metrics"]["fd_high"]
+    from PIL import Image
+
+    with Image.open(sweep / "matrix.png") as matrix:  # 2 prompt rows x 4 columns (base + 3 sizes) of 128 px tiles
+        assert matrix.width >= 4 * 128 and matrix.height >= 2 * 128
+    assert (sweep / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Each run validated on the same 32 held-out images at its last step.
     for entry in runs:
         summary = json.loads((Path(entry["run_dir"]) / "run_summary.json").read_text())
@@ -103,3 +123,17 @@ def test_sweep_30_100_300_end_to_end(tmp_path: Path) -> None:
     text = script.read_text()
     assert "#SBATCH --array=0-2" in text and "{{" not in text
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_sweep_plan_trains_each_size_once_per_seed(tmp_path: Path) -> None:
+    synth(tmp_path / "images", num_images=80, size=64, seed=3)
+    make_shards(tmp_path / "images", tmp_path / "shards", resolution=64, samples_per_shard=64)
+    subsets(str(tmp_path / "shards"), tmp_path / "subsets", [30, 40], val_size=8, seed=1)
+    base = train_config(tmp_path / "base", tmp_path / "shards", callbacks=[])
+    runs = read_plan(plan(base, tmp_path / "subsets", tmp_path / "sweep", min_steps=4, seeds=[0, 7]))["runs"]
+    assert [(r["size"], r["seed"]) for r in runs] == [(30, 0), (30, 7), (40, 0), (40, 7)]
+    assert runs[1]["name"] == "size-000030-seed-7"
+    config = yaml.safe_load(Path(runs[1]["config"]).read_text())
+    assert config["seed_everything"] == 7 and config["model"]["init_args"]["seed"] == 7
+    with pytest.raises(ValueError, match="--seeds: give distinct seeds"):
+        plan(base, tmp_path / "subsets", tmp_path / "sweep", seeds=[1, 1])

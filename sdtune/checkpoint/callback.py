@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from sdtune.checkpoint.card import model_card, read_scores
+from sdtune.checkpoint.hub_root import RootRule
 from sdtune.checkpoint.layout import (
     TRAINING_STATE,
     checkpoint_tag,
@@ -32,7 +33,7 @@ from sdtune.checkpoint.remote import HubRemote, Remote, StorageRemote
 from sdtune.checkpoint.resume import ResumePlan, agree_on_resume, plan_resume
 from sdtune.checkpoint.state_file import SafetensorsCheckpointIO
 from sdtune.checkpoint.writer import BackgroundWriter, PendingCheckpoint, free_gradients
-from sdtune.contracts import Exportable, require
+from sdtune.contracts import Exportable, PipelineExportable, require
 from sdtune.fileio import fsync_dir
 from sdtune.preflight import DiskNeed, disk_problem
 from sdtune.storage import Storage
@@ -102,6 +103,7 @@ class PeriodicCheckpoint(Checkpoint):
         hub_revision: str = "main",
         hub_private: bool = True,
         hub_weights_only: bool = False,
+        hub_root: str = "newest",
         remote_keep_last: int = 3,
         fail_on_publish_error: bool = True,
         export_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto",
@@ -121,6 +123,10 @@ class PeriodicCheckpoint(Checkpoint):
             hub_private: Create `hub_repo` as a private repo if it does not exist.
             hub_weights_only: Push only weights, samples and manifest to the Hub (no training state; the Hub
                 copy then cannot be resumed from, `remote` can).
+            hub_root: What the root of `hub_repo` holds, as a complete diffusers pipeline
+                (`StableDiffusionPipeline.from_pretrained("user/repo")`): "newest" (the newest checkpoint),
+                "best:<metric>" (the best by an Evaluate callback metric, e.g. best:fd or best:checker_all) or
+                "none" (only the history under checkpoints/).
             remote_keep_last: Complete checkpoints kept on each remote (the Hub keeps older ones in history).
             fail_on_publish_error: End fit with an error if any publish failed after its retries.
             export_dtype: dtype of the exported weights (`unet/`, `unet_ema/`, LoRA); "auto" is the training
@@ -147,6 +153,7 @@ class PeriodicCheckpoint(Checkpoint):
         self.remote = remote
         self.hub_repo, self.hub_revision, self.hub_private = hub_repo, hub_revision, hub_private
         self.hub_weights_only = hub_weights_only
+        self.hub_root = RootRule.parse(hub_root)
         self.remote_keep_last = remote_keep_last
         self.storage = Storage()  # the run's own (the config's `s3:` section) comes through use_storage()
         self.fail_on_publish_error = fail_on_publish_error
@@ -162,8 +169,9 @@ class PeriodicCheckpoint(Checkpoint):
         """Publish to and resume from remotes through `storage` (built by the CLI from the config's settings)."""
         self.storage = storage
 
-    def remotes(self) -> list[Remote]:
-        """Where checkpoints are published, in the order `--resume auto` looks after the local folder."""
+    def remotes(self, pl_module: L.LightningModule | None = None) -> list[Remote]:
+        """Where checkpoints are published, in the order `--resume auto` looks after the local folder; with the
+        module, the Hub remote can build its root pipeline (`hub_root`)."""
         found: list[Remote] = []
         if self.remote:
             found.append(StorageRemote(self.remote, self.remote_keep_last, self.storage))
@@ -176,6 +184,8 @@ class PeriodicCheckpoint(Checkpoint):
                     self.storage,
                     self.hub_private,
                     self.hub_weights_only,
+                    self.hub_root,
+                    pl_module.save_base_pipeline if isinstance(pl_module, PipelineExportable) else None,
                 )
             )
         return found
@@ -233,7 +243,7 @@ class PeriodicCheckpoint(Checkpoint):
         resumed = self.resume_plan.ref.path if self.resume_plan else None
         for part in checkpoint_parts(trainer):
             part.read_from_checkpoint(trainer, resumed)
-        remotes = self.remotes()
+        remotes = self.remotes(pl_module)
         if trainer.is_global_zero and remotes:
             root.mkdir(parents=True, exist_ok=True)
             self.publisher = Publisher(remotes, root)

@@ -19,7 +19,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from sdtune.checkpoint.layout import MANIFEST, TRAINING_STATE, parse_tag, verify_checkpoint
+from sdtune.checkpoint.hub_root import (
+    ROOT_RECORD,
+    RootRule,
+    checkpoint_score,
+    replaces_root,
+    root_card_section,
+    root_files,
+    root_record,
+)
+from sdtune.checkpoint.layout import MANIFEST, TRAINING_STATE, parse_tag, read_manifest, verify_checkpoint
 from sdtune.fileio import fsync_dir
 from sdtune.storage import Storage, join
 
@@ -153,6 +162,8 @@ class HubRemote:
         storage: Storage,
         private: bool = True,
         weights_only: bool = False,
+        root: RootRule | None = None,
+        save_base: Callable[[Path], None] | None = None,
     ) -> None:
         self.repo = repo
         self.storage = storage
@@ -161,6 +172,10 @@ class HubRemote:
         self.private = private
         self.weights_only = weights_only
         self.url = f"hf://{repo}@{revision}/checkpoints"
+        # The root pipeline (sdtune.checkpoint.hub_root): needs the module's base model writer.
+        self.root = root if root is not None and save_base is not None else RootRule("none")
+        self.save_base = save_base
+        self.root_state: dict[str, Any] | None = None
 
     def prepare(self) -> None:
         from huggingface_hub import HfApi
@@ -169,6 +184,11 @@ class HubRemote:
         with_retry(lambda: api.create_repo(self.repo, private=self.private, exist_ok=True), f"create {self.repo}")
         if self.revision != "main":
             with_retry(lambda: api.create_branch(self.repo, branch=self.revision, exist_ok=True), "create branch")
+        if self.root.kind != "none":
+            record_url = f"hf://{self.repo}@{self.revision}/{ROOT_RECORD}"
+            self.root_state = (
+                json.loads(self.storage.read_bytes(record_url)) if self.storage.exists(record_url) else None
+            )
 
     def complete_tags(self) -> list[str]:
         return complete_checkpoints(self.storage.walk(self.url))
@@ -183,6 +203,12 @@ class HubRemote:
         if self.weights_only:
             files = [p for p in files if p.name != TRAINING_STATE]
         ops: list[Any] = [CommitOperationAdd(f"checkpoints/{tag}/{p.relative_to(folder)}", str(p)) for p in files]
+        root_ops, new_root = self._root_operations(folder, tag)
+        ops += root_ops
+        root = new_root or self.root_state
+        if root is not None:
+            section = root_card_section(root, self.repo)
+            card = card.replace("\n## Samples\n", f"\n{section}\n## Samples\n", 1)
         ops.append(CommitOperationAdd("README.md", card.encode()))
         existing = complete_checkpoints(self.storage.walk(self.url), need_state=False)
         for old in [t for t in existing if t != tag][self.keep_last - 1 :]:
@@ -195,3 +221,26 @@ class HubRemote:
             f"commit {tag} to {self.repo}",
         )
         log.info("hub: %s committed %s (%s)", self.repo, tag, info.oid)
+        if new_root is not None:
+            self.root_state = new_root
+            log.info("hub: %s root pipeline is now %s (%s)", self.repo, tag, self.root)
+
+    def _root_operations(self, folder: Path, tag: str) -> tuple[list[Any], dict[str, Any] | None]:
+        """The commit's additions that make `folder` the root pipeline, and the new root record; none when the rule
+        keeps the current root."""
+        from huggingface_hub import CommitOperationAdd
+
+        rule = self.root
+        score = checkpoint_score(folder, rule.metric) if rule.metric else None
+        if not replaces_root(rule, self.root_state, score):
+            return [], None
+        if rule.kind == "best" and score is None:
+            log.warning("hub_root: %s has no %s score (no eval.json from the Evaluate callback); it is the root only "
+                        "until a scored checkpoint comes", tag, rule.metric)  # fmt: skip
+        assert self.save_base is not None
+        base_model = str(read_manifest(folder).get("base_model"))
+        with_base = self.root_state is None or self.root_state.get("base_model") != base_model
+        files = root_files(folder, folder.parent / ".hub-root", self.save_base, with_base)
+        record = root_record(rule, tag, folder, base_model)
+        ops = [CommitOperationAdd(name, str(path)) for name, path in files.items()]
+        return ops + [CommitOperationAdd(ROOT_RECORD, json.dumps(record, indent=2).encode())], record

@@ -7,7 +7,6 @@ metric reads them back from the cache, so fresh and cached images give the same 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -23,7 +22,7 @@ from diffusers import UNet2DConditionModel
 from PIL import Image
 
 from sdtune.eval.targets import Target
-from sdtune.models.components import SDComponents, build_pipeline, load_components, vae_scale_factor
+from sdtune.models.components import SDComponents, fused_unet, load_components, vae_scale_factor
 from sdtune.models.sampling import generate, prompt_major
 
 log = logging.getLogger(__name__)
@@ -84,14 +83,9 @@ class RenderStats:
 def unet_of(target: Target, base: SDComponents) -> UNet2DConditionModel:
     if target.weights is None:
         return base.unet
-    if not target.lora:
-        return UNet2DConditionModel.from_pretrained(target.weights, use_safetensors=True, torch_dtype=torch.float32)
-    unet = copy.deepcopy(base.unet)
-    pipeline = build_pipeline(unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler)
-    pipeline.load_lora_weights(str(target.weights))
-    pipeline.fuse_lora()
-    pipeline.unload_lora_weights()
-    return unet
+    if target.lora:
+        return fused_unet(base, target.weights)
+    return UNet2DConditionModel.from_pretrained(target.weights, use_safetensors=True, torch_dtype=torch.float32)
 
 
 class Renderer:

@@ -215,3 +215,16 @@ def vae_scale_factor(vae: AutoencoderKL) -> int:
 def load_vae_of(settings: Any) -> AutoencoderKL:
     """The VAE (in eval mode) that made a latent cache, from its `sdtune.data.latents.LatentSettings`."""
     return load_vae(settings.vae, settings.revision, settings.vae_subfolder).eval()
+
+
+def fused_unet(base: SDComponents, lora_folder: Path) -> UNet2DConditionModel:
+    """A copy of the base UNet with a saved LoRA adapter (`lora/` or `lora_ema/` of a checkpoint) fused into its
+    weights: a plain UNet that any diffusers pipeline loads."""
+    import copy
+
+    unet = copy.deepcopy(base.unet)
+    pipeline = build_pipeline(unet, base.vae, base.text_encoder, base.tokenizer, base.noise_scheduler)
+    pipeline.load_lora_weights(str(lora_folder))
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return unet

@@ -362,6 +362,13 @@ class SDFineTune(L.LightningModule):
         files[f"{folder}/{weights}"] = TensorFile(dict(state), {"format": "pt"}, dtype)
         return files
 
+    def save_base_pipeline(self, folder: Path) -> None:
+        """The base model as a diffusers pipeline folder, with this run's scheduler (its prediction type): the rest
+        of the pipeline a checkpoint's UNet completes (`PeriodicCheckpoint.hub_root`)."""
+        parts = load_components(self.hparams.pretrained, self.hparams.revision)
+        parts.noise_scheduler = type(self.noise_scheduler).from_config(self.noise_scheduler.config)
+        parts.save_pretrained(folder)
+
     def export_weights(self, folder: Path, suffix: str = "", model: UNet2DConditionModel | None = None) -> None:
         """Write `export_files` into `folder` now (the checkpoint callback writes them off the training thread)."""
         write_files(folder, self.export_files(suffix, model))

@@ -10,7 +10,7 @@ from pathlib import Path
 import boto3
 import pytest
 import yaml
-from diffusers import UNet2DConditionModel
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from huggingface_hub import snapshot_download
 from safetensors.torch import load_file
 
@@ -139,7 +139,9 @@ def test_hub_publishing_resume_from_hub_and_no_secrets_anywhere(
         assert hub.state.counts["commit_429"] == 1 and hub.state.counts["lfs_uploads"] > 0
         files = hub.state.repos[repo].resolve("main").files
         assert "README.md" in files and "checkpoints/epoch=0001-step=000032/training_state.safetensors" in files
-        assert all(p.endswith((".safetensors", ".json", ".jsonl", ".png", ".md")) for p in files), sorted(files)
+        assert all(
+            p.endswith((".safetensors", ".json", ".jsonl", ".png", ".md")) or p.startswith("tokenizer/") for p in files
+        ), sorted(files)
         card = hub.state.file_bytes(repo, "README.md").decode()
         assert "library_name: diffusers" in card and "checkpoints/epoch=0001-step=000032/samples.png" in card
 
@@ -149,6 +151,10 @@ def test_hub_publishing_resume_from_hub_and_no_secrets_anywhere(
         downloaded = UNet2DConditionModel.from_pretrained(folder / "checkpoints" / tag / "unet_ema")
         local = load_file(run_dir / "checkpoints" / tag / "unet_ema" / "diffusion_pytorch_model.safetensors")
         assert all(downloaded.state_dict()[k].equal(v) for k, v in local.items())
+        # hub_root's default (newest): the repository root is a complete pipeline of the newest checkpoint.
+        root = StableDiffusionPipeline.from_pretrained(folder)
+        assert all(root.unet.state_dict()[k].equal(v) for k, v in local.items())
+        assert "## The model at the root" in card
 
         # Secrets: the credentials were used (positive controls) but appear nowhere they could leak.
         assert any(SENTINELS["HF_TOKEN"] in h for h in hub.state.auth_headers)
