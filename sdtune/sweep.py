@@ -90,7 +90,7 @@ def plan(
             run_config["seed_everything"] = seed
             run_config["model"].setdefault("init_args", {})["seed"] = seed
         run_config["data"]["init_args"].update(
-            shards=str((subsets / name).resolve()), val_shards=str((subsets / "val").resolve())
+            shards=str((subsets / f"size-{size:06d}").resolve()), val_shards=str((subsets / "val").resolve())
         )
         callbacks = run_config["trainer"].get("callbacks") or []
         for callback in callbacks:  # a sample grid and a checkpoint of the final weights, mid-epoch or not
