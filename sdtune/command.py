@@ -6,6 +6,7 @@
     sdtune bench-remote ...               sdtune latent benchmark|report|baselines ...
     sdtune gpu-check --out DIR [--dry_run true]     sdtune tiny-model [--out DIR]
     sdtune eval CHECKPOINT... --prompts FILE --seeds 0,1,2 [--base] --out DIR
+    sdtune generate interpolate --a IMG --b IMG [--target IMG --guidance_scale 0.2] --out DIR
 
 Each command's module is imported only when that command runs, so `sdtune --help` and `sdtune data
 make-shards` start without torch. A user mistake (a bad path or option value, an unreadable manifest,
@@ -73,7 +74,10 @@ COMMANDS = {
     ),
 }
 # Commands with their own argparse parser (positional lists, bare flags): they get the arguments as they are.
-RAW = {"eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"})}
+RAW = {
+    "eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"}),
+    "generate": Command("latent interpolation refined and guided by the UNet", {"": "sdtune.generate.cli:main"}),
+}
 LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}
 
 

@@ -92,6 +92,10 @@ def plan(
         run_config["data"]["init_args"].update(
             shards=str((subsets / f"size-{size:06d}").resolve()), val_shards=str((subsets / "val").resolve())
         )
+        loggers = run_config["trainer"].get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:  # each run logs into its own folder
+            if isinstance(logger, dict) and "save_dir" in (logger.get("init_args") or {}):
+                logger["init_args"]["save_dir"] = str(out / "runs" / name)
         callbacks = run_config["trainer"].get("callbacks") or []
         for callback in callbacks:  # a sample grid and a checkpoint of the final weights, mid-epoch or not
             if callback.get("class_path", "").endswith((".SampleGrid", ".PeriodicCheckpoint")):

@@ -26,6 +26,9 @@ from sdtune.models.sampling import labelled_grid
 # (metric, axis title); plotted when eval.json has them.
 METRICS = (
     ("checker_all", "checker: prompt followed"),
+    ("checker_color", "checker: colour followed"),
+    ("checker_shape", "checker: shape followed"),
+    ("checker_digit", "checker: digit followed"),
     ("fd", "FD to held-out images"),
     ("kid", "KID to held-out images"),
     ("clip_score", "CLIP score"),

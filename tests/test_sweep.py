@@ -135,6 +135,7 @@ def test_sweep_plan_trains_each_size_once_per_seed(tmp_path: Path) -> None:
     assert runs[1]["name"] == "size-000030-seed-7"
     config = yaml.safe_load(Path(runs[1]["config"]).read_text())
     assert config["seed_everything"] == 7 and config["model"]["init_args"]["seed"] == 7
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == runs[1]["run_dir"], "each run logs into its folder"
     assert config["data"]["init_args"]["shards"] == str(subset_dir(tmp_path / "subsets", 30).resolve()), (
         "seeds share data"
     )

@@ -86,8 +86,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return json.loads((folder / MANIFEST).read_text())
 
 
-def verify_checkpoint(folder: Path, check_hashes: bool = True) -> str | None:
-    """None when the folder is a complete checkpoint, else the reason it is not."""
+def verify_checkpoint(folder: Path, check_hashes: bool = True, need_state: bool = True) -> str | None:
+    """None when the folder is a complete checkpoint, else the reason it is not (without `need_state`, a
+    weights-only checkpoint, one published with `hub_weights_only`, is complete too)."""
     if not (folder / MANIFEST).is_file():
         return "no manifest.json (incomplete write)"
     try:
@@ -96,7 +97,7 @@ def verify_checkpoint(folder: Path, check_hashes: bool = True) -> str | None:
         return f"unreadable manifest.json ({err})"
     if manifest.get("format") != FORMAT:
         return f"manifest format {manifest.get('format')!r} is not {FORMAT}"
-    if TRAINING_STATE not in manifest.get("files", {}):
+    if need_state and TRAINING_STATE not in manifest.get("files", {}):
         return f"manifest lists no {TRAINING_STATE}"
     for name, entry in manifest["files"].items():
         path = folder / name

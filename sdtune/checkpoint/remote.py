@@ -60,8 +60,11 @@ def complete_checkpoints(files: dict[str, int], need_state: bool = True) -> list
     return sorted(complete, key=lambda t: parse_tag(t), reverse=True)  # type: ignore[arg-type,return-value]
 
 
-def fetch_checkpoint(remote_url: str, tag: str, checkpoint_dir: Path, storage: Storage) -> Path:
-    """Download a remote checkpoint into `checkpoint_dir/<tag>` (via a temp folder) and verify its hashes."""
+def fetch_checkpoint(
+    remote_url: str, tag: str, checkpoint_dir: Path, storage: Storage, need_state: bool = True
+) -> Path:
+    """Download a remote checkpoint into `checkpoint_dir/<tag>` (via a temp folder) and verify its hashes (a
+    weights-only one too, without `need_state`)."""
     base = join(remote_url, tag)
     tmp = checkpoint_dir / f".tmp-fetch-{tag}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -69,7 +72,7 @@ def fetch_checkpoint(remote_url: str, tag: str, checkpoint_dir: Path, storage: S
     manifest = json.loads((tmp / MANIFEST).read_text())
     for name in manifest["files"]:
         storage.download(join(base, name), tmp / name)
-    problem = verify_checkpoint(tmp)
+    problem = verify_checkpoint(tmp, need_state=need_state)
     if problem:
         shutil.rmtree(tmp, ignore_errors=True)
         raise OSError(f"{base}: downloaded checkpoint does not verify: {problem}")

@@ -56,16 +56,20 @@ class CheckerFeatures:
     checker: Checker
     name: str = CHECKER
 
-    @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Differentiable: images (N, 3, H, W) in [-1, 1] -> (N, D) (guided generation steers by it)."""
         parts = []
         for head in self.checker.heads.values():
             y = x if x.shape[-1] == head.image_size else torch.nn.functional.interpolate(
                 x, size=head.image_size, mode="bilinear", antialias=True
             )  # fmt: skip
             parts.append(torch.cat([head.net.features(b).mean(dim=(2, 3)) for b in y.split(256)]))
-        return torch.cat(parts, dim=1).double().numpy()
+        return torch.cat(parts, dim=1)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2) * 2 - 1
+        return self.embed(x).double().numpy()
 
 
 @dataclass

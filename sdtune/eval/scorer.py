@@ -70,9 +70,12 @@ class Scorer:
         if self.checker is not None:
             result = self.checker.score_rendered(images, prompts)
             out.update({f"checker_{k}": v for k, v in result.summary().items() if k != "count"})
-            hits = [all(h.values()) for h in map(result.hits, range(len(prompts))) if h]
-            if hits:
-                out.update(_interval("checker_all", np.asarray(hits, dtype=np.float64)))
+            per_image = [h for h in map(result.hits, range(len(prompts))) if h]
+            if per_image:
+                out.update(_interval("checker_all", np.asarray([all(h.values()) for h in per_image], dtype=np.float64)))
+            for attribute in sorted({a for h in per_image for a in h}):
+                hits = [h[attribute] for h in per_image if attribute in h]
+                out.update(_interval(f"checker_{attribute}", np.asarray(hits, dtype=np.float64)))
         generated = self.features(images) if self.features is not None else None
         if generated is not None and self.real_features is not None:
             fd = metrics.fd_interval(generated, self.real_features)

@@ -43,8 +43,8 @@ def _weights_folder(folder: Path, use_ema: bool) -> tuple[Path, bool]:
 
 def checkpoint_target(folder: Path, use_ema: bool = True) -> Target:
     """A checkpoint folder (one with manifest.json) as a target."""
-    problem = verify_checkpoint(folder, check_hashes=False)
-    if problem is not None and "training_state" not in problem:  # weights-only checkpoints are fine here
+    problem = verify_checkpoint(folder, check_hashes=False, need_state=False)  # weights-only ones are fine here
+    if problem is not None:
         raise ValueError(f"eval: {folder} is not a complete checkpoint ({problem})")
     manifest = read_manifest(folder)
     weights, lora = _weights_folder(folder, use_ema)
@@ -84,8 +84,8 @@ def _remote_targets(url: str, download_dir: Path, storage: Storage, use_ema: boo
     targets = []
     for tag in tags:
         local = download_dir / tag
-        if verify_checkpoint(local) is not None:
-            local = fetch_checkpoint(url, tag, download_dir, storage)
+        if verify_checkpoint(local, need_state=False) is not None:
+            local = fetch_checkpoint(url, tag, download_dir, storage, need_state=False)
         targets.append(checkpoint_target(local, use_ema))
     return targets
 
@@ -95,7 +95,8 @@ def _plan_targets(plan: Path, use_ema: bool) -> list[Target]:
     targets = []
     for run in json.loads(plan.read_text())["runs"]:
         checkpoints = Path(run["run_dir"]) / "checkpoints"
-        ref = next((r for r in list_checkpoints(checkpoints) if verify_checkpoint(r.path, False) is None), None)
+        complete = (r for r in list_checkpoints(checkpoints) if verify_checkpoint(r.path, False, False) is None)
+        ref = next(complete, None)
         if ref is None:
             log.warning("eval: %s has no complete checkpoint in %s; run it first", run["name"], checkpoints)
             continue
@@ -107,7 +108,7 @@ def _run_targets(folder: Path, use_ema: bool) -> list[Target]:
     """Every complete checkpoint of a run's checkpoint folder, oldest first."""
     targets = []
     for ref in reversed(list_checkpoints(folder)):
-        problem = verify_checkpoint(ref.path, check_hashes=False)
+        problem = verify_checkpoint(ref.path, check_hashes=False, need_state=False)
         if problem is not None:
             log.warning("eval: skipping %s: %s", ref.path, problem)
             continue

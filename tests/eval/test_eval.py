@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import pytest
 import yaml
 
 from sdtune.checkpoint.layout import list_checkpoints
+from sdtune.checkpoint.remote import StorageRemote
+from sdtune.storage import Storage
+from sdtune.storage.settings import S3Settings
 from tests.helpers.browser import find_chromium, inspect_page
 from tests.helpers.runs import QUICKSTART, REPO, run_train, train_env
 
@@ -24,7 +28,7 @@ PROMPTS = [
 SEEDS = "0,1"
 
 
-def _eval(run_dir: Path, out: Path, *extra: str) -> dict:
+def _eval(run_dir: Path | str, out: Path, *extra: str) -> dict:
     prompts = out.parent / "prompts.txt"
     prompts.write_text("# the quickstart's new colour\n" + "\n".join(PROMPTS) + "\n\n")
     command = [sys.executable, "-m", "sdtune", "eval", str(run_dir), "--prompts", str(prompts), "--seeds", SEEDS]
@@ -62,7 +66,7 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory, pink_shards: Path, 
 
 
 def test_eval_scores_each_checkpoint_beside_the_base_model_and_renders_only_what_is_new(
-    quickstart_run: Path, pink_shards: Path, synth_shards: Path, tmp_path: Path
+    quickstart_run: Path, pink_shards: Path, synth_shards: Path, tmp_path: Path, s3_server: str, s3_bucket: str
 ) -> None:
     out = tmp_path / "eval"
     per_target = len(PROMPTS) * 2
@@ -100,6 +104,22 @@ def test_eval_scores_each_checkpoint_beside_the_base_model_and_renders_only_what
     third = _eval(quickstart_run, out, *extra)
     assert [c["step"] for c in third["checkpoints"]] == [0, 16, 24]
     assert third["render"]["rendered"] == per_target and third["render"]["cached"] == 2 * per_target
+
+    # The same checkpoints from S3 (as a run's `remote` publishes them, weights only): their weights hash the
+    # same, so every image comes from the cache.
+    storage = Storage(S3Settings(endpoint_url=s3_server))
+    remote = StorageRemote(f"s3://{s3_bucket}/run/checkpoints", 3, storage)
+    for ref in list_checkpoints(quickstart_run / "checkpoints"):
+        weights_only = tmp_path / "weights_only" / ref.path.name
+        shutil.copytree(ref.path, weights_only, ignore=shutil.ignore_patterns("training_state.safetensors"))
+        manifest = json.loads((weights_only / "manifest.json").read_text())
+        del manifest["files"]["training_state.safetensors"]
+        (weights_only / "manifest.json").write_text(json.dumps(manifest))
+        remote.publish(weights_only, ref.path.name, "")
+    remote_eval = _eval(remote.url, out, *extra, "--s3_endpoint_url", s3_server)
+    assert [c["step"] for c in remote_eval["checkpoints"]] == [0, 16, 24]
+    assert remote_eval["render"]["rendered"] == 0 and remote_eval["render"]["cached"] == 3 * per_target
+    assert [c["identity"] for c in remote_eval["checkpoints"]] == [c["identity"] for c in third["checkpoints"]]
 
     page = (out / "eval.html").read_text()
     sources = re.findall(r'src="([^"]*)"', page)
