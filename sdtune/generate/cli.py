@@ -144,7 +144,8 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     for row, (name, latents) in enumerate(rows.items()):
         entry: dict[str, Any] = {}
         if metric is not None and target is not None:
-            entry["distance"] = [round(float(d), 6) for d in metric.distance(latents, target)]
+            with torch.no_grad():
+                entry["distance"] = [round(float(d), 6) for d in metric.distance(latents, target)]
         if checker is not None:
             predicted = checker.predict(torch.from_numpy(images[name]).permute(0, 3, 1, 2) * 2 - 1)
             entry["checker"] = {

@@ -1,9 +1,10 @@
 """Pulling the denoised estimate towards a target sample under a metric, at every sampling step.
 
-At each step the UNet's output gives the clean-latent estimate x0. A guided step moves it along the metric's
-gradient towards the target, x0' = x0 - scale * |x0 - z_target| * g / |g| (g: the gradient of the metric at x0;
-scale 1 moves x0 by its whole latent distance to the target), and hands the scheduler the model output that
-predicts x0' from the same noisy latent. With the latent metric this is exactly x0' = x0 - scale (x0 - z_target);
+At each step the UNet's output gives the clean-latent estimate x0. A guided step moves it down the metric's
+gradient g towards the target, x0' = x0 - scale * |x0 - z_target| * g / |g| (scale 1: a step as long as x0's
+latent distance to the target; halved while it would raise the metric's distance, as a curved metric can
+overshoot), and hands the scheduler the model output that predicts x0' from the same noisy latent. With the
+latent metric this is exactly x0' = x0 - scale (x0 - z_target);
 the pixel and feature metrics take their gradient through the VAE decoder (and the feature extractor). The UNet
 is not differentiated: guidance costs one decoder pass (and one extractor pass) with its backward per step.
 
@@ -56,15 +57,24 @@ class Metric:
         assert self.embed is not None
         return (self.embed(pixels.clamp(-1, 1)) - self.embed(target.pixels)).norm(dim=1)
 
-    def guide(self, x0: torch.Tensor, target: Target, scale: float) -> torch.Tensor:
-        """x0 moved `scale` x its latent distance to the target, along the metric's descent direction."""
+    def guide(self, x0: torch.Tensor, target: Target, scale: float, halvings: int = 4) -> torch.Tensor:
+        """x0 moved down the metric's gradient by `scale` x its latent distance to the target; a step that would
+        raise the distance (a curved metric overshooting) is halved, up to `halvings` times."""
         if scale == 0:
             return x0
         with torch.enable_grad():
             x = x0.detach().float().requires_grad_(True)
-            self.distance(x, target).pow(2).sum().backward()
+            distance = self.distance(x, target)
+            distance.sum().backward()
         grad = x.grad
         assert grad is not None
-        norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        reach = (x0.float() - target.latents).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        return (x0.float() - scale * reach * grad / norm).to(x0.dtype)
+        direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        length = scale * (x0.float() - target.latents).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        before = distance.detach()
+        for _ in range(halvings):
+            with torch.no_grad():
+                worse = self.distance(x0.float() - length * direction, target) > before
+            if not worse.any():
+                break
+            length = torch.where(worse.view(-1, 1, 1, 1), length / 2, length)
+        return (x0.float() - length * direction).to(x0.dtype)
