@@ -15,6 +15,8 @@ $(BIN)/.installed: pyproject.toml
 	# torch first and pinned: the CPU build; any other spec pulls the CUDA wheels
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[dev]"
+	# test-only: torch-fidelity's Inception, the reference for sdtune's FID network (its own deps pull torchvision)
+	$(BIN)/pip install --quiet --no-deps torch-fidelity==0.4.0
 	touch $@
 
 setup: $(BIN)/.installed

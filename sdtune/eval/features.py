@@ -2,14 +2,15 @@
 
     extractor = load_features("checker")                   # tiny-pretrained's checker: its heads' pooled features
     extractor = load_features("pixels")                    # 16x16 downsampled pixels (copies of training images)
+    extractor = load_features("inception:weights.pth")     # the standard FID's Inception (a local weights file)
     extractor = load_features("facebook/dinov2-small")     # any transformers vision model (Hub id or local folder)
     extractor = load_features("openai/clip-vit-base-patch32")  # a CLIP model: its image embeddings
     features = extractor(images)                           # images (N, H, W, 3) in [0, 1] -> (N, D) float64
 
 Hub ids load from the local Hugging Face cache or download as transformers does; tests build tiny random
-models into folders. The standard FID's Inception network is not offered: its one maintained loader
-(torch-fidelity, under torchmetrics) needs torchvision, which sdtune does not depend on. FD in another space
-is named after it ("FD_dinov2-small"), never called FID.
+models into folders. The standard FID's Inception network is sdtune.eval.inception (plain torch: torch-fidelity,
+its maintained loader, needs torchvision); FD in it is the FID. FD in another space is named after it
+("FD_dinov2-small"), never called FID.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sdtune.eval.checker import Checker
 
 CHECKER = "checker"
 PIXELS = "pixels"
+INCEPTION = "inception:"
 
 
 class Features(Protocol):
@@ -144,9 +146,14 @@ class ClipModel:
 
 
 def load_features(source: str, checker: Checker | None = None, device: str = "cpu") -> Features:
-    """ "checker" (needs `checker`), "pixels", or a transformers vision model by Hub id or local folder."""
+    """ "checker" (needs `checker`), "pixels", "inception:WEIGHTS_FILE" (the standard FID's network), or a
+    transformers vision model by Hub id or local folder."""
     if source == PIXELS:
         return PixelFeatures()
+    if source.startswith(INCEPTION):
+        from sdtune.eval.inception import InceptionFeatures
+
+        return InceptionFeatures(Path(source[len(INCEPTION) :]))
     if source == CHECKER:
         if checker is None:
             raise ValueError("features: 'checker' needs a checker (--checker tiny-pretrained or a folder)")
