@@ -158,9 +158,57 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def dataset_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdtune generate dataset",
+        description="Labelled synthetic shards: refined interpolations of two training samples of one class "
+        "(resumable; see sdtune.generate.dataset)",
+        allow_abbrev=False,
+    )
+    p.add_argument("--source", required=True, help="labelled image shards (.cls), e.g. data/digits/shards")
+    p.add_argument("--out", type=Path, required=True, help="output folder of the generated shards")
+    p.add_argument("--per_class", type=int, required=True, help="samples to make per class")
+    p.add_argument("--samples_per_shard", type=int, default=64, help="samples per shard")
+    p.add_argument("--alpha_range", default="0.25,0.75", help="mix weights are drawn uniformly from this range")
+    p.add_argument("--prompt_template", default="", help="the UNet's prompt, e.g. 'a handwritten digit {label}'")
+    p.add_argument("--strength", type=float, default=0.5, help="noise level to refine from (0-1]")
+    p.add_argument("--steps", type=int, default=25, help="sampler steps (of the full schedule)")
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler")
+    p.add_argument("--cfg_scale", type=float, default=1.0, help="classifier-free guidance of the prompt (1: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every draw (pairs, alphas, noise)")
+    p.add_argument("--val_fraction", type=float, default=0.2, help="held-out fraction never used as a source")
+    p.add_argument("--split_seed", type=int, default=0, help="seed of that split (as data.split_seed)")
+    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    p.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards (rerun continues)")
+    return p
+
+
+def run_dataset(options: argparse.Namespace) -> Path:
+    from sdtune.generate.dataset import DatasetSettings, generate_dataset
+
+    try:
+        low, high = (float(x) for x in options.alpha_range.split(","))
+    except ValueError as err:
+        raise ValueError(f"--alpha_range: {options.alpha_range!r} is not LOW,HIGH (e.g. 0.25,0.75)") from err
+    identity = checkpoint_target(options.checkpoint).identity if options.checkpoint else None
+    settings = DatasetSettings(
+        options.source, options.per_class, options.samples_per_shard, low, high, options.prompt_template,
+        options.strength, options.steps, options.scheduler, options.cfg_scale, options.seed, options.val_fraction,
+        options.split_seed, model=f"{options.model}" + (f" + checkpoint sha256 {identity}" if identity else ""),
+    )  # fmt: skip
+    torch.manual_seed(options.seed)
+    return generate_dataset(load_model(options.model, options.checkpoint), settings, options.out, options.max_shards)
+
+
 def main(args: list[str]) -> None:
+    if args and args[0] == "dataset":
+        out = run_dataset(dataset_parser().parse_args(args[1:]))
+        done = "complete" if (out / "manifest.json").is_file() else "partial (rerun to continue)"
+        print(f"generate dataset: {out} ({done})")
+        return
     if not args or args[0] != "interpolate":
-        raise SystemExit("usage: sdtune generate interpolate --a IMG --b IMG --out DIR [...] (see --help)")
+        raise SystemExit("usage: sdtune generate interpolate|dataset ... (see sdtune generate interpolate --help)")
     options = parser().parse_args(args[1:])
     record = run(options)
     rows = ", ".join(

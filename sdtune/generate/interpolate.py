@@ -70,11 +70,10 @@ def mix(a: torch.Tensor, b: torch.Tensor, alphas: list[float], method: str = "sl
     return wa * a + wb * b
 
 
-def _text_states(parts: SDComponents, prompt: str, count: int, cfg: bool, device: torch.device) -> torch.Tensor:
-    prompts = [prompt] * count + ([""] * count if cfg else [])
+def _text_states(parts: SDComponents, prompts: list[str], cfg: bool, device: torch.device) -> torch.Tensor:
     tokens = parts.tokenizer(
-        prompts, padding="max_length", max_length=parts.tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
+        prompts + ([""] * len(prompts) if cfg else []), padding="max_length",
+        max_length=parts.tokenizer.model_max_length, truncation=True, return_tensors="pt",
     ).input_ids.to(device)  # fmt: skip
     return parts.text_encoder(tokens)[0]
 
@@ -91,9 +90,11 @@ def refine(
     seeds: list[int],
     metric: Metric | None = None,
     target: Target | None = None,
+    prompts: list[str] | None = None,
 ) -> Refined:
-    """Noise `latents` (N, C, h, w) to `settings.strength` and denoise them; with a metric and a target, each clean
-    estimate is pulled towards the target by `settings.guidance_scale`."""
+    """Noise `latents` (N, C, h, w) to `settings.strength` and denoise them, conditioned on `settings.prompt` (or
+    on `prompts`, one per latent); with a metric and a target, each clean estimate is pulled towards the target by
+    `settings.guidance_scale`."""
     if len(seeds) != len(latents):
         raise ValueError(f"refine: {len(latents)} latents but {len(seeds)} seeds")
     unet, device = parts.unet, latents.device
@@ -107,7 +108,7 @@ def refine(
     noise = _noise(tuple(latents.shape[1:]), seeds, device)
     x = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
     cfg = settings.cfg_scale != 1.0
-    text = _text_states(parts, settings.prompt, len(latents), cfg, device)
+    text = _text_states(parts, prompts or [settings.prompt] * len(latents), cfg, device)
     alphas = parts.noise_scheduler.alphas_cumprod.to(device)
     trajectory = []
     for t in timesteps:
