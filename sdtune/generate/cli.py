@@ -201,14 +201,124 @@ def run_dataset(options: argparse.Namespace) -> Path:
     return generate_dataset(load_model(options.model, options.checkpoint), settings, options.out, options.max_shards)
 
 
+def guided_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sdtune generate guided",
+        description="Text-to-image steered by a noise-aware latent classifier (and an OOD score), each seed also "
+        "rendered unguided; an OOD filter marks what to reject (see sdtune.generate.guided)",
+        allow_abbrev=False,
+    )
+    p.add_argument("--classifier", type=Path, required=True, help="a noise-aware Classifier's exported classifier/")
+    p.add_argument("--label", required=True, help="the class to steer towards (a class name of the classifier)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--classifier_scale", type=float, default=1.0, help="classifier guidance (RMS step per element)")
+    p.add_argument("--prompt", default="", help="the prompt (classifier-free guidance --cfg_scale)")
+    p.add_argument("--cfg_scale", type=float, default=3.0, help="classifier-free guidance of --prompt (1: none)")
+    p.add_argument("--seeds", default="0-7", help="seeds: 0-7 or 0,1,5")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS, help="sampler")
+    p.add_argument("--ood_fit", default=None, help="latent shards (real training data) to fit the OOD score on")
+    p.add_argument("--ood_scale", type=float, default=0.0, help="guidance down the OOD score (0: filter only)")
+    p.add_argument("--ood_threshold", type=float, default=None, help="reject above this OOD score (default: the "
+                   "95th percentile of the fitted latents' own scores)")  # fmt: skip
+    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    p.add_argument("--checker", default=TINY_PRETRAINED, help="independent judge of the images ('none' to skip)")
+    return p
+
+
+def parse_seed_list(text: str) -> list[int]:
+    try:
+        if "-" in text and "," not in text:
+            first, last = (int(x) for x in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise ValueError(f"--seeds: {text!r} is not FIRST-LAST or a comma-separated list") from err
+
+
+def run_guided(options: argparse.Namespace) -> dict[str, Any]:
+    from sdtune.data.tables import read_table
+    from sdtune.generate.guidance import ClassifierPull, ScorePull
+    from sdtune.generate.guided import NoiseAwareClassifier, OODScore, accepted
+    from sdtune.storage import Storage
+
+    seeds = parse_seed_list(options.seeds)
+    classifier = NoiseAwareClassifier.load(options.classifier)
+    label = classifier.label_of(options.label)
+    parts = load_model(options.model, options.checkpoint)
+    ood = None
+    if options.ood_fit:
+        table = read_table(options.ood_fit, "--ood_fit", Storage())
+        if table.latent_settings is None:
+            raise ValueError(f"--ood_fit: {options.ood_fit} holds images; give latent shards of the training data")
+        ood = OODScore.fit(classifier, table.inputs.float(), table.labels)
+    settings = RefineSettings(1.0, options.steps, options.scheduler, options.prompt, options.cfg_scale)
+    shape = (len(seeds), parts.unet.config.in_channels, parts.unet.config.sample_size, parts.unet.config.sample_size)
+    start = torch.zeros(shape)  # strength 1: pure noise, the start latents do not matter
+    labels = torch.full((len(seeds),), label)
+    terms: list[Any] = [ClassifierPull(classifier, labels, options.classifier_scale)]
+    if ood is not None and options.ood_scale > 0:
+        terms.append(ScorePull(ood.term_score(classifier), options.ood_scale))
+    started = time.perf_counter()
+    plain = refine(parts, start, settings, seeds)
+    plain_s = time.perf_counter() - started
+    started = time.perf_counter()
+    guided = refine(parts, start, settings, seeds, terms=terms)
+    guided_s = time.perf_counter() - started
+    rows = {"unguided": plain.latents, "guided": guided.latents}
+    checker = Checker.load(checker_folder(options.checker)) if options.checker != "none" else None
+    threshold = None
+    if ood is not None:
+        threshold = options.ood_threshold if options.ood_threshold is not None else ood.threshold_at(95)
+    record: dict[str, Any] = {
+        "settings": {"label": options.label, "classifier_scale": options.classifier_scale, "prompt": options.prompt,
+                     "cfg_scale": options.cfg_scale, "seeds": seeds, "steps": options.steps,
+                     "scheduler": options.scheduler, "ood_scale": options.ood_scale, "ood_threshold": threshold,
+                     "classifier": str(options.classifier), "model": options.model},
+        "seconds": {"unguided": round(plain_s, 3), "guided": round(guided_s, 3)},
+        "rows": {},
+    }  # fmt: skip
+    options.out.mkdir(parents=True, exist_ok=True)
+    images = {name: to_images(parts.vae, latents) for name, latents in rows.items()}
+    for name, latents in rows.items():
+        entry: dict[str, Any] = {}
+        with torch.no_grad():
+            t0 = torch.zeros(len(seeds))
+            entry["classifier_p"] = [round(float(p), 4) for p in classifier(latents, t0).softmax(1)[:, label]]
+        if checker is not None and options.label in checker.vocabulary.get("digit", []):
+            probabilities = checker.predict(torch.from_numpy(images[name]).permute(0, 3, 1, 2) * 2 - 1)["digit"]
+            index = checker.heads["digit"].classes.index(options.label)
+            entry["checker_p"] = [round(float(p), 4) for p in probabilities[:, index]]
+            entry["checker_hit"] = float((probabilities.argmax(1) == index).float().mean())
+        if ood is not None and threshold is not None:
+            scores = ood(classifier, latents)
+            entry["ood_score"] = [round(float(x), 4) for x in scores]
+            entry["accepted"] = [bool(a) for a in accepted(scores, threshold)]
+        record["rows"][name] = entry
+    labelled_grid(np.concatenate(list(images.values())), list(images), [f"seed {s}" for s in seeds],
+                  title=f"towards {options.label!r}, classifier scale {options.classifier_scale}").save(
+        options.out / "guided.png"
+    )  # fmt: skip
+    (options.out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
 def main(args: list[str]) -> None:
+    if args and args[0] == "guided":
+        record = run_guided(guided_parser().parse_args(args[1:]))
+        rows = record["rows"]
+        hits = ", ".join(f"{name}: checker {entry['checker_hit']:.2f}" for name, entry in rows.items()
+                         if "checker_hit" in entry)  # fmt: skip
+        print(f"generate guided: {hits or 'done'}; {record['settings']['label']!r}")
+        return
     if args and args[0] == "dataset":
         out = run_dataset(dataset_parser().parse_args(args[1:]))
         done = "complete" if (out / "manifest.json").is_file() else "partial (rerun to continue)"
         print(f"generate dataset: {out} ({done})")
         return
     if not args or args[0] != "interpolate":
-        raise SystemExit("usage: sdtune generate interpolate|dataset ... (see sdtune generate interpolate --help)")
+        raise SystemExit("usage: sdtune generate interpolate|guided|dataset ... (see sdtune generate guided --help)")
     options = parser().parse_args(args[1:])
     record = run(options)
     rows = ", ".join(

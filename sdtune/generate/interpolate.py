@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sdtune.generate.guidance import Metric, Target, decode
+from sdtune.generate.guidance import Metric, Target, TargetPull, Term, decode
 from sdtune.generate.schedulers import make_scheduler
 from sdtune.models.components import SDComponents
 
@@ -91,10 +91,11 @@ def refine(
     metric: Metric | None = None,
     target: Target | None = None,
     prompts: list[str] | None = None,
+    terms: list[Term] | None = None,
 ) -> Refined:
     """Noise `latents` (N, C, h, w) to `settings.strength` and denoise them, conditioned on `settings.prompt` (or
     on `prompts`, one per latent); with a metric and a target, each clean estimate is pulled towards the target by
-    `settings.guidance_scale`."""
+    `settings.guidance_scale`; `terms` (classifier guidance, ...) move it further, in order."""
     if len(seeds) != len(latents):
         raise ValueError(f"refine: {len(latents)} latents but {len(seeds)} seeds")
     unet, device = parts.unet, latents.device
@@ -110,6 +111,9 @@ def refine(
     cfg = settings.cfg_scale != 1.0
     text = _text_states(parts, prompts or [settings.prompt] * len(latents), cfg, device)
     alphas = parts.noise_scheduler.alphas_cumprod.to(device)
+    guided: list[Term] = list(terms or [])
+    if metric is not None and target is not None and settings.guidance_scale > 0:
+        guided.insert(0, TargetPull(metric, target, settings.guidance_scale))
     trajectory = []
     for t in timesteps:
         x_in = scheduler.scale_model_input(x, t)
@@ -119,8 +123,9 @@ def refine(
             out = unconditional + settings.cfg_scale * (conditional - unconditional)
         ab = alphas[int(t.round())].clamp(1e-8, 1 - 1e-8)
         x0 = _clean_estimate(out, x_in, ab, prediction)
-        if metric is not None and target is not None and settings.guidance_scale > 0:
-            x0 = metric.guide(x0, target, settings.guidance_scale)
+        if guided:
+            for term in guided:
+                x0 = term.apply(x0, x_in, ab, t)
             out = _output_for(x0, x_in, ab, prediction)
         trajectory.append(x0.cpu())
         x = scheduler.step(out, t, x).prev_sample

@@ -55,6 +55,7 @@ class Classifier(L.LightningModule):
         weight_decay: float = 0.05,
         label_smoothing: float = 0.0,
         warmup_fraction: float = 0.05,
+        noise_aware: str | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +65,9 @@ class Classifier(L.LightningModule):
             weight_decay: AdamW weight decay.
             label_smoothing: Cross-entropy label smoothing.
             warmup_fraction: Fraction of the steps spent warming up.
+            noise_aware: Train on latents noised to a random timestep of this model's noise schedule (a Hub id,
+                folder or tiny-pretrained), the timestep given to the network as an extra input channel (t / T):
+                a classifier of noisy latents, for classifier guidance (sdtune generate guided). Latent data only.
         """
         super().__init__()
         if learning_rate <= 0:
@@ -75,10 +79,19 @@ class Classifier(L.LightningModule):
         self.input_spec: dict[str, Any] = {}
         self.val_metrics: dict[str, Any] = {}
         self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.alphas_cumprod: torch.Tensor | None = None
+        if noise_aware:
+            from sdtune.models.components import load_noise_scheduler
+
+            self.alphas_cumprod = load_noise_scheduler(noise_aware).alphas_cumprod.float()
 
     def build(self, in_channels: int, image_size: int, num_classes: int) -> None:
-        self.input_spec = {"in_channels": in_channels, "image_size": image_size, "num_classes": num_classes}
-        self.net = self.net_factory(in_channels, image_size, num_classes)
+        time_channel = int(self.alphas_cumprod is not None)
+        self.input_spec = {"in_channels": in_channels + time_channel, "image_size": image_size,
+                           "num_classes": num_classes, "time_channel": bool(time_channel)}  # fmt: skip
+        if time_channel:
+            self.input_spec["num_train_timesteps"] = len(self.alphas_cumprod)  # type: ignore[arg-type]
+        self.net = self.net_factory(in_channels + time_channel, image_size, num_classes)
 
     def configure_model(self) -> None:
         if self.net is None:
@@ -88,21 +101,42 @@ class Classifier(L.LightningModule):
                     "model: Classifier needs data: sdtune.latent.classification_data.ClassificationDataModule "
                     f"(or a DataModule offering sdtune.contracts.ClassificationData), got {type(data).__name__}"
                 )
+            if self.alphas_cumprod is not None and data.input_kind != "latents":  # type: ignore[attr-defined]
+                raise ValueError("model.noise_aware: needs latent shards (data.shards), not images")
             self.build(*data.classification_shape())
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits; a noise-aware classifier takes each input's timestep (default: 0, clean)."""
         assert self.net is not None, "build() first"
+        if self.alphas_cumprod is not None:
+            inputs = with_time_channel(inputs, timesteps, len(self.alphas_cumprod))
         return self.net(inputs)
+
+    def _noised(self, inputs: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(latents noised to a uniformly drawn timestep, the timesteps); inputs unchanged if not noise-aware."""
+        if self.alphas_cumprod is None:
+            return inputs, torch.zeros(len(inputs), dtype=torch.long, device=inputs.device)
+        count = len(self.alphas_cumprod)
+        draw = {"generator": generator, "device": "cpu"}
+        timesteps = torch.randint(0, count, (len(inputs),), **draw)  # type: ignore[arg-type]
+        noise = torch.randn(inputs.shape, **draw).to(inputs.device)  # type: ignore[arg-type]
+        ab = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(inputs.device)
+        timesteps = timesteps.to(inputs.device)
+        return ab.sqrt() * inputs + (1 - ab).sqrt() * noise, timesteps
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch  # (B, C, H, W), (B,)
-        loss = nn.functional.cross_entropy(self(inputs), labels, label_smoothing=self.hparams.label_smoothing)
+        inputs, timesteps = self._noised(inputs, None)
+        loss = nn.functional.cross_entropy(
+            self(inputs, timesteps), labels, label_smoothing=self.hparams.label_smoothing
+        )
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(labels))
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        inputs, labels = batch
-        logits = self(inputs)
+        inputs, labels = batch  # noise-aware: the same noise and timesteps in every run and epoch
+        inputs, timesteps = self._noised(inputs, torch.Generator().manual_seed(batch_idx))
+        logits = self(inputs, timesteps)
         self.log("val/loss", nn.functional.cross_entropy(logits, labels), on_epoch=True, batch_size=len(labels))
         self._val_outputs.append((logits.argmax(dim=1).cpu(), labels.cpu()))
 
@@ -180,6 +214,13 @@ class Classifier(L.LightningModule):
         files = self.export_files()
         write_files(folder, {name.removeprefix("classifier/"): content for name, content in files.items()})
         return folder
+
+
+def with_time_channel(inputs: torch.Tensor, timesteps: torch.Tensor | None, count: int) -> torch.Tensor:
+    """Inputs (B, C, H, W) with a channel (B, 1, H, W) holding each one's timestep / `count` (0 when None)."""
+    t = torch.zeros(len(inputs), device=inputs.device) if timesteps is None else timesteps.to(inputs.device).float()
+    plane = (t / count).view(-1, 1, 1, 1).expand(-1, 1, *inputs.shape[2:]).to(inputs.dtype)
+    return torch.cat([inputs, plane], dim=1)
 
 
 def load_classifier(folder: Path) -> tuple[nn.Module, dict[str, Any]]:

@@ -228,3 +228,12 @@ def fused_unet(base: SDComponents, lora_folder: Path) -> UNet2DConditionModel:
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()
     return unet
+
+
+def load_noise_scheduler(pretrained: str, revision: str | None = None) -> DDPMScheduler:
+    """Only the noise schedule of a model (Hub id, folder, a tiny preset): its training scheduler."""
+    if pretrained in _PRESETS:
+        return load_components(pretrained).noise_scheduler
+    source = resolve_pretrained(pretrained)
+    _check_source(source, ("scheduler",))
+    return DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
