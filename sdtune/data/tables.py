@@ -114,3 +114,18 @@ def heldout_split(keys: list[str], labels: torch.Tensor, val_fraction: float, se
         val += members[:num_val]
         train += members[num_val:]
     return sorted(train), sorted(val)
+
+
+def cap_per_class(indices: list[int], labels: torch.Tensor, cap: int | None) -> list[int]:
+    """The first `cap` of `indices` (sorted, as heldout_split returns them) per class: the same subset in every run
+    (data.max_train_per_class, and the sources `generate dataset` may draw from)."""
+    if cap is None:
+        return list(indices)
+    kept: dict[int, int] = {}
+    capped = []
+    for i in indices:
+        label = int(labels[i])
+        if kept.get(label, 0) < cap:
+            kept[label] = kept.get(label, 0) + 1
+            capped.append(i)
+    return capped

@@ -178,6 +178,8 @@ def dataset_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of every draw (pairs, alphas, noise)")
     p.add_argument("--val_fraction", type=float, default=0.2, help="held-out fraction never used as a source")
     p.add_argument("--split_seed", type=int, default=0, help="seed of that split (as data.split_seed)")
+    p.add_argument("--max_train_per_class", type=int, default=None, help="draw sources only from the first N "
+                   "training samples per class (as data.max_train_per_class)")  # fmt: skip
     p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
     p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
     p.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards (rerun continues)")
@@ -195,7 +197,8 @@ def run_dataset(options: argparse.Namespace) -> Path:
     settings = DatasetSettings(
         options.source, options.per_class, options.samples_per_shard, low, high, options.prompt_template,
         options.strength, options.steps, options.scheduler, options.cfg_scale, options.seed, options.val_fraction,
-        options.split_seed, model=f"{options.model}" + (f" + checkpoint sha256 {identity}" if identity else ""),
+        options.split_seed, options.max_train_per_class,
+        model=options.model + (f" + checkpoint sha256 {identity}" if identity else ""),
     )  # fmt: skip
     torch.manual_seed(options.seed)
     return generate_dataset(load_model(options.model, options.checkpoint), settings, options.out, options.max_shards)

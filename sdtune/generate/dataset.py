@@ -4,7 +4,8 @@
         --prompt_template "a handwritten digit {label}" --strength 0.5
 
 For class c, sample j: two distinct training samples of class c (never a held-out one: the split is the
-classification DataModule's, `--val_fraction` and `--split_seed`), a mix weight alpha in `--alpha_range`, and a
+classification DataModule's, `--val_fraction` and `--split_seed`; with `--max_train_per_class`, only from the
+real subset a data-scarcity run trains on), a mix weight alpha in `--alpha_range`, and a
 noise seed, all drawn from (seed, c, j); their latents are mixed (slerp) and refined by the UNet
 (sdtune.generate.interpolate). Each sample is a function of its own (seed, c, j), so the shards do not depend on
 how the run was cut.
@@ -33,7 +34,7 @@ import webdataset as wds
 from PIL import Image
 
 from sdtune.data.manifest import DatasetManifest, ShardEntry
-from sdtune.data.tables import heldout_split, read_table
+from sdtune.data.tables import cap_per_class, heldout_split, read_table
 from sdtune.fileio import sha256_file
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.models.components import SDComponents
@@ -59,6 +60,7 @@ class DatasetSettings:
     seed: int = 0
     val_fraction: float = 0.2
     split_seed: int = 0
+    max_train_per_class: int | None = None  # draw sources only from these (data.max_train_per_class's subset)
     jpeg_quality: int = 95
     model: str = ""  # the model's name and weights identity (a checkpoint's sha256)
 
@@ -143,6 +145,7 @@ def generate_dataset(parts: SDComponents, settings: DatasetSettings, out: Path, 
     storage = Storage()
     table = read_table(settings.source, "--source", storage)
     train, _ = heldout_split(table.keys, table.labels, settings.val_fraction, settings.split_seed)
+    train = cap_per_class(train, table.labels, settings.max_train_per_class)
     planned = plan_samples(table.labels.tolist(), train, table.classes, settings)
     out.mkdir(parents=True, exist_ok=True)
     recorded = out / SETTINGS_NAME

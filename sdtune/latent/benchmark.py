@@ -44,6 +44,8 @@ AUGMENTATIONS: dict[str, tuple[Callable[[], list[LatentAugmentation]], bool]] = 
     "smote": (lambda: [SMOTE(oversample=2.0)], False),
     "synthetic_only": (lambda: [Compose([Interpolate(mode="spherical", copies=2), GaussianNoise(ratio=0.05)])], True),
 }
+# Rows from a generator's shards (`sdtune generate dataset`, --generated): name -> synthetic only
+GENERATED = {"generated": False, "generated_only": True}
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,8 @@ def benchmark(
     max_train_per_class: int | None = 30,
     pixel_size: int = 32,
     val_fraction: float = 0.2,
+    generated: str | None = None,
+    generated_latents: str | None = None,
     s3: S3Settings | None = None,
 ) -> list[dict]:
     """Train every classifier with every augmentation for every seed; write the tables.
@@ -113,29 +117,41 @@ def benchmark(
         images: The image shards the latents came from (needed for pixel classifiers).
         out: Output folder.
         classifiers: Any of linear, mlp, cnn, attention, pixel_cnn, logreg, random_forest, svm.
-        augmentations: Any of none, gaussian, lerp, slerp, extrapolate, smote, synthetic_only.
+        augmentations: Any of none, gaussian, lerp, slerp, extrapolate, smote, synthetic_only (and with
+            --generated, generated and generated_only).
         seeds: One run per seed (network init, batch order, augmentation draws).
         steps: Optimizer steps per Lightning classifier (batch 64), the same with and without augmentation.
         max_train_per_class: Real training samples per class (few samples is where augmentation should
             matter); null keeps the whole training split. The held-out split is always complete.
         pixel_size: Side of the images the pixel classifiers see.
         val_fraction: Held-out fraction per class.
+        generated: A generator's image shards (`sdtune generate dataset`, made with the same
+            --max_train_per_class): adds the rows `generated` (real + generated) and `generated_only`.
+        generated_latents: Those shards encoded by the VAE of --latents (data_tools encode_latents), for the
+            latent classifiers.
         s3: Settings for s3:// shards (endpoint, retries), as in a training config's `s3:` section.
     """
-    unknown = [c for c in classifiers if c not in CLASSIFIERS] + [a for a in augmentations if a not in AUGMENTATIONS]
+    if generated:
+        augmentations = (*augmentations, *(g for g in GENERATED if g not in augmentations))
+    known = {**AUGMENTATIONS, **(GENERATED if generated else {})}
+    unknown = [c for c in classifiers if c not in CLASSIFIERS] + [a for a in augmentations if a not in known]
     if unknown:
         raise ValueError(f"benchmark: unknown classifier/augmentation {unknown}; see --help for the names")
     if len(seeds) < 1 or steps < 1:
         raise ValueError("benchmark: give at least one seed and one step")
     if any(CLASSIFIERS[c].input == "pixels" for c in classifiers) and not images:
         raise ValueError("benchmark --images: pixel classifiers need the image shards the latents were made from")
+    if generated and any(CLASSIFIERS[c].input == "latents" for c in classifiers) and not generated_latents:
+        raise ValueError("benchmark --generated_latents: latent classifiers need the generated shards encoded "
+                         "(python -m data_tools encode_latents --source GENERATED --vae ...)")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     storage = Storage(s3)
     rows = []
     for name in classifiers:
         entry = CLASSIFIERS[name]
         for augmentation in augmentations:
-            make_transforms, synthetic_only = AUGMENTATIONS[augmentation]
+            make_transforms, synthetic_only = AUGMENTATIONS.get(augmentation, (list, GENERATED.get(augmentation)))
+            made = (generated_latents if entry.input == "latents" else generated) if augmentation in GENERATED else None
             for seed in seeds:
                 data = ClassificationDataModule(
                     shards=latents if entry.input == "latents" else str(images),
@@ -143,7 +159,8 @@ def benchmark(
                     val_fraction=val_fraction,
                     image_size=pixel_size if entry.input == "pixels" else None,
                     augment=make_transforms(),
-                    synthetic_only=synthetic_only,
+                    synthetic_only=bool(synthetic_only),
+                    generated=made,
                     max_train_per_class=max_train_per_class,
                     seed=seed,
                 )

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from sdtune.data.latents import decode
-from sdtune.data.tables import LabelledTable, heldout_split, read_table
+from sdtune.data.tables import LabelledTable, cap_per_class, heldout_split, read_table
 from sdtune.latent.augment import LatentAugmentation
 from sdtune.models.components import load_vae_of
 from sdtune.storage import Storage
@@ -62,6 +62,7 @@ class ClassificationDataModule(L.LightningDataModule):
         image_size: int | None = None,
         augment: list[LatentAugmentation] | None = None,
         synthetic_only: bool = False,
+        generated: str | None = None,
         max_train_per_class: int | None = None,
         batch_size: int = 64,
         seed: int = 0,
@@ -76,20 +77,25 @@ class ClassificationDataModule(L.LightningDataModule):
             image_size: Pixel inputs are resized to this (default: the shards' resolution).
             augment: Latent augmentations; their output is added to the training set (latents: regenerated
                 each epoch when trainer.reload_dataloaders_every_n_epochs is 1; pixels: decoded once).
-            synthetic_only: Train on the augmentations' output only (never on a real training sample).
+            synthetic_only: Train on the augmentations' (or `generated`'s) samples only (never on a real training
+                sample).
+            generated: Labelled shards made by a generator (`sdtune generate dataset`; for latent inputs, those
+                shards encoded with `data_tools encode_latents` by the same VAE), added to the training set.
             max_train_per_class: Keep at most this many real training samples per class (data-scarcity runs).
             batch_size: Training batch size.
             seed: Seed of the augmentation draws.
         """
         super().__init__()
-        if synthetic_only and not augment:
-            raise ValueError("data.synthetic_only: needs data.augment to make the synthetic samples")
+        if synthetic_only and not augment and not generated:
+            raise ValueError("data.synthetic_only: needs data.augment or data.generated for the synthetic samples")
         if batch_size < 1:
             raise ValueError(f"data.batch_size: must be >= 1, got {batch_size}")
         self.shards, self.latents_spec = shards, latents
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.requested_size = image_size
         self.augment = list(augment or [])
+        self.generated_spec = generated
+        self.generated: LabelledTable | None = None
         self.synthetic_only = synthetic_only
         self.max_train_per_class = max_train_per_class
         self.batch_size, self.seed = batch_size, seed
@@ -137,22 +143,27 @@ class ClassificationDataModule(L.LightningDataModule):
         if table.latent_settings is None and self.requested_size:
             table = dataclasses.replace(table, inputs=_resize(table.inputs, self.requested_size))
         train_index, val_index = heldout_split(table.keys, table.labels, self.val_fraction, self.split_seed)
-        if self.max_train_per_class is not None:
-            train_index = self._cap_per_class(train_index, table)
+        train_index = cap_per_class(train_index, table.labels, self.max_train_per_class)
         self.train, self.val = table.subset(train_index), table.subset(val_index)
+        if self.generated_spec:
+            self.generated = self._read_generated(table)
         log.info("data: %d training, %d held-out samples, %d classes", len(self.train), len(self.val), self.num_classes)
         if self.augment and table.latent_settings is None:
             self._setup_decoded_augmentation()
 
-    def _cap_per_class(self, train_index: list[int], table: LabelledTable) -> list[int]:
-        kept: dict[int, int] = {}
-        capped = []
-        for i in train_index:  # heldout_split returns sorted indices: the same cap in every run
-            label = int(table.labels[i])
-            if kept.get(label, 0) < self.max_train_per_class:
-                kept[label] = kept.get(label, 0) + 1
-                capped.append(i)
-        return capped
+    def _read_generated(self, real: LabelledTable) -> LabelledTable:
+        assert self.generated_spec is not None
+        made = read_table(self.generated_spec, "data.generated", self.storage)
+        if (made.latent_settings is None) != (real.latent_settings is None):
+            kinds = ("images" if made.latent_settings is None else "latents", self.input_kind)
+            raise ValueError(f"data.generated: {self.generated_spec} holds {kinds[0]} but data.shards {kinds[1]}")
+        if made.latent_settings is not None and made.latent_settings.differences(real.latent_settings):  # type: ignore[arg-type]
+            raise ValueError(f"data.generated: {self.generated_spec} was encoded with other latent settings")
+        if made.classes != real.classes:
+            raise ValueError(f"data.generated: classes {made.classes} differ from data.shards' {real.classes}")
+        if made.latent_settings is None and made.inputs.shape[-1] != real.inputs.shape[-1]:
+            made = dataclasses.replace(made, inputs=_resize(made.inputs, real.inputs.shape[-1]))
+        return made
 
     def _setup_decoded_augmentation(self) -> None:
         if not self.latents_spec:
@@ -235,8 +246,11 @@ class ClassificationDataModule(L.LightningDataModule):
         assert self.train is not None, "setup() first"
         inputs, labels = self.train.inputs, self.train.labels
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        if self.augment:
-            new_inputs, new_labels = self.synthetic(epoch)
+        if self.augment or self.generated is not None:
+            new_inputs, new_labels = self.synthetic(epoch) if self.augment else (inputs[:0], labels[:0])
+            if self.generated is not None:
+                new_inputs = torch.cat([new_inputs, self.generated.inputs.to(new_inputs.dtype)])
+                new_labels = torch.cat([new_labels, self.generated.labels])
             if self.synthetic_only:
                 inputs, labels = new_inputs, new_labels
             else:

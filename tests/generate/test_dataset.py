@@ -92,3 +92,29 @@ def test_a_killed_run_resumes_to_the_same_shards_and_they_train_a_classifier(
     results = json.loads((tmp_path / "classifier" / "metrics.json").read_text())
     assert results["classes"] == manifest["classes"] and results["num_train"] + results["num_heldout"] == 40
     assert 0.0 <= results["accuracy"] <= 1.0 and (tmp_path / "classifier" / "classifier" / "classifier.json").is_file()
+
+
+def test_generated_shards_join_the_training_set_and_the_benchmark(
+    digit_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from sdtune.latent.benchmark import benchmark
+    from sdtune.latent.classification_data import ClassificationDataModule
+
+    source, latents = digit_data
+    made = subprocess.run(command(source, tmp_path / "made", "--max_train_per_class", "5"), cwd=REPO, env=train_env(),
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert made.returncode == 0, made.stderr[-3000:]
+    data = ClassificationDataModule(str(source), generated=str(tmp_path / "made"), max_train_per_class=5, seed=0)
+    data.setup("fit")
+    inputs, labels = data.training_set()
+    assert len(data.train) == 50 and len(labels) == 50 + 40 and inputs.shape[1:] == data.train.inputs.shape[1:]
+    only = ClassificationDataModule(str(source), generated=str(tmp_path / "made"), synthetic_only=True)
+    only.setup("fit")
+    assert len(only.training_set()[1]) == 40, "generated only: no real training sample"
+    wrong = ClassificationDataModule(str(latents), generated=str(tmp_path / "made"))
+    with pytest.raises(ValueError, match="data.generated: .* holds images but data.shards latents"):
+        wrong.setup("fit")
+    rows = benchmark(str(latents), str(source), tmp_path / "bench", classifiers=("pixel_cnn",), augmentations=("none",),
+                     seeds=(0,), steps=5, max_train_per_class=5, generated=str(tmp_path / "made"))  # fmt: skip
+    assert [r["augmentation"] for r in rows] == ["none", "generated", "generated_only"]
+    assert "| pixel_cnn | pixels |" in (tmp_path / "bench" / "benchmark.md").read_text()
