@@ -23,12 +23,12 @@ from PIL import Image
 
 from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import CheckerFeatures
-from sdtune.eval.render import unet_of
 from sdtune.eval.targets import checkpoint_target
 from sdtune.generate.guidance import METRICS, Metric, Target
+from sdtune.generate.inputs import load_image, load_model
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
-from sdtune.models.components import TINY_PRETRAINED, SDComponents, load_components, vae_scale_factor
+from sdtune.models.components import TINY_PRETRAINED, vae_scale_factor
 from sdtune.models.sampling import labelled_grid
 
 
@@ -57,33 +57,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i's noise seed is seed + i")
     p.add_argument("--checker", default=TINY_PRETRAINED, help="checker for the report ('none' to skip)")
     return p
-
-
-def load_image(path: Path, size: int, option: str) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [-1, 1] (center-cropped square, resized)."""
-    if not path.is_file():
-        raise ValueError(f"{option}: {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
-    except OSError as err:
-        raise ValueError(f"{option}: {path} is not a readable image ({err})") from err
-    side = min(rgb.size)
-    left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
-    rgb = rgb.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
-
-
-def load_model(model: str, checkpoint: Path | None) -> SDComponents:
-    if checkpoint is None:
-        parts = load_components(model)
-    else:
-        target = checkpoint_target(checkpoint)
-        parts = load_components(target.base_model)
-        parts.unet = unet_of(target, parts)
-    for module in (parts.unet, parts.vae, parts.text_encoder):
-        module.eval()
-    return parts
 
 
 def _png(image: np.ndarray, path: Path) -> None:
@@ -308,6 +281,15 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: list[str]) -> None:
+    if args and args[0] == "report":
+        from sdtune.generate.report import parser as report_parser
+        from sdtune.generate.report import report
+
+        options = report_parser().parse_args(args[1:])
+        record = report(options)
+        count = record["settings"]["images_per_point"]
+        print(f"generate report: {options.out / 'report.html'} ({count} images per point)")
+        return
     if args and args[0] == "guided":
         record = run_guided(guided_parser().parse_args(args[1:]))
         rows = record["rows"]
@@ -321,7 +303,9 @@ def main(args: list[str]) -> None:
         print(f"generate dataset: {out} ({done})")
         return
     if not args or args[0] != "interpolate":
-        raise SystemExit("usage: sdtune generate interpolate|guided|dataset ... (see sdtune generate guided --help)")
+        raise SystemExit(
+            "usage: sdtune generate interpolate|guided|dataset|report ... (see sdtune generate guided --help)"
+        )
     options = parser().parse_args(args[1:])
     record = run(options)
     rows = ", ".join(

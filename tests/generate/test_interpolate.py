@@ -15,8 +15,8 @@ import torch
 from data_tools.synth import synth
 from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import CheckerFeatures
-from sdtune.generate.cli import load_image
 from sdtune.generate.guidance import Metric, Target
+from sdtune.generate.inputs import load_image
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine
 from sdtune.models.components import TINY_PRETRAINED, load_components
 from tests.helpers.runs import REPO, train_env
