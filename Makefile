@@ -60,10 +60,14 @@ bench-remote: setup
 # 16x16x4 at 64 px, not SD's). For SD's latent space: make latent-report VAE=stable-diffusion-v1-5/stable-diffusion-v1-5 SIZE=256
 VAE ?= tiny-pretrained
 SIZE ?= 64
-$(DIGITS)/latents/manifest.json: | setup
+# The latents are re-encoded when tiny-pretrained's VAE changes (make tiny-model): a cache of the old VAE's
+# latents would give every latent workload the wrong latent space (encode_latents refuses to mix the two).
+VAE_WEIGHTS := $(if $(filter tiny-pretrained,$(VAE)),sdtune/models/tiny_pretrained/vae/diffusion_pytorch_model.safetensors)
+$(DIGITS)/latents/manifest.json: $(VAE_WEIGHTS) | setup
 	$(BIN)/python -m data_tools digits --out $(DIGITS)/images --size $(SIZE)
 	$(BIN)/python -m data_tools make_shards --source $(DIGITS)/images --out $(DIGITS)/shards --resolution $(SIZE) \
 	  --samples_per_shard 200 --class_folders true
+	rm -rf $(DIGITS)/latents
 	$(BIN)/python -m data_tools encode_latents --source $(DIGITS)/shards --out $(DIGITS)/latents --vae $(VAE)
 
 latent-data: $(DIGITS)/latents/manifest.json
