@@ -116,13 +116,7 @@ class Classifier(L.LightningModule):
         """(latents noised to a uniformly drawn timestep, the timesteps); inputs unchanged if not noise-aware."""
         if self.alphas_cumprod is None:
             return inputs, torch.zeros(len(inputs), dtype=torch.long, device=inputs.device)
-        count = len(self.alphas_cumprod)
-        draw = {"generator": generator, "device": "cpu"}
-        timesteps = torch.randint(0, count, (len(inputs),), **draw)  # type: ignore[arg-type]
-        noise = torch.randn(inputs.shape, **draw).to(inputs.device)  # type: ignore[arg-type]
-        ab = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(inputs.device)
-        timesteps = timesteps.to(inputs.device)
-        return ab.sqrt() * inputs + (1 - ab).sqrt() * noise, timesteps
+        return noised(inputs, self.alphas_cumprod, generator)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         inputs, labels = batch  # (B, C, H, W), (B,)
@@ -214,6 +208,18 @@ class Classifier(L.LightningModule):
         files = self.export_files()
         write_files(folder, {name.removeprefix("classifier/"): content for name, content in files.items()})
         return folder
+
+
+def noised(
+    inputs: torch.Tensor, alphas_cumprod: torch.Tensor, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean latents (B, C, H, W) noised to timesteps drawn uniformly from the schedule (drawn on the CPU from
+    `generator`: the same on every device), and those timesteps."""
+    draw = {"generator": generator, "device": "cpu"}
+    timesteps = torch.randint(0, len(alphas_cumprod), (len(inputs),), **draw)  # type: ignore[arg-type]
+    noise = torch.randn(inputs.shape, **draw).to(inputs.device)  # type: ignore[arg-type]
+    ab = alphas_cumprod[timesteps].view(-1, 1, 1, 1).to(inputs.device)
+    return ab.sqrt() * inputs + (1 - ab).sqrt() * noise, timesteps.to(inputs.device)
 
 
 def with_time_channel(inputs: torch.Tensor, timesteps: torch.Tensor | None, count: int) -> torch.Tensor:

@@ -16,8 +16,9 @@ from sdtune.latent import sklearn_baselines
 from sdtune.latent.augment import Interpolate
 from sdtune.latent.benchmark import benchmark
 from sdtune.latent.classification_data import ClassificationDataModule
-from sdtune.latent.classifier import load_classifier
+from sdtune.latent.classifier import load_classifier, noised, with_time_channel
 from sdtune.latent.metrics import classification_metrics
+from sdtune.models.components import load_noise_scheduler
 from sdtune.storage import Storage
 from tests.helpers.runs import REPO, kill_when, run_train
 
@@ -81,8 +82,13 @@ def test_every_classifier_config_trains_and_reports_heldout_metrics(
     table = read_table(data, "t", Storage())
     inputs = table.inputs if info["input"] == "latents" else _resize(table.inputs, info["image_size"])
     _, val = heldout_split(table.keys, table.labels, 0.2)
+    inputs = inputs[val]
+    if info.get("time_channel"):  # noise-aware: validation's noise (one batch: generator seeded with 0)
+        alphas = load_noise_scheduler("tiny-pretrained").alphas_cumprod.float()
+        inputs, timesteps = noised(inputs.float(), alphas, torch.Generator().manual_seed(0))
+        inputs = with_time_channel(inputs, timesteps, info["num_train_timesteps"])
     with torch.no_grad():
-        predictions = net(inputs[val]).argmax(dim=1)
+        predictions = net(inputs).argmax(dim=1)
     assert (predictions == table.labels[val]).float().mean().item() == pytest.approx(metrics["accuracy"])
     # Per-epoch checkpoints (PeriodicCheckpoint serves classifiers too): the exported network of the last one
     # is the network the run ended with.
