@@ -25,7 +25,7 @@ from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import CheckerFeatures
 from sdtune.eval.targets import checkpoint_target
 from sdtune.generate.guidance import METRICS, Metric, Target
-from sdtune.generate.inputs import load_image, load_model
+from sdtune.generate.inputs import add_model_options, add_sample_options, load_image, load_model
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
 from sdtune.models.components import TINY_PRETRAINED, vae_scale_factor
@@ -39,12 +39,9 @@ def parser() -> argparse.ArgumentParser:
         "towards a target sample",
         allow_abbrev=False,
     )
-    p.add_argument("--a", type=Path, required=True, help="first sample (an image file)")
-    p.add_argument("--b", type=Path, required=True, help="second sample (an image file)")
-    p.add_argument("--target", type=Path, default=None, help="the sample guidance pulls towards (an image file)")
+    add_sample_options(p, target_required=False)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    add_model_options(p)
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="interpolation weights (0: a, 1: b)")
     p.add_argument("--method", default="slerp", choices=["slerp", "linear"], help="latent interpolation")
     p.add_argument("--strength", type=float, default=0.6, help="noise level to refine from (0-1]")
@@ -153,8 +150,7 @@ def dataset_parser() -> argparse.ArgumentParser:
     p.add_argument("--split_seed", type=int, default=0, help="seed of that split (as data.split_seed)")
     p.add_argument("--max_train_per_class", type=int, default=None, help="draw sources only from the first N "
                    "training samples per class (as data.max_train_per_class)")  # fmt: skip
-    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    add_model_options(p)
     p.add_argument("--max_shards", type=int, default=None, help="stop after this many new shards (rerun continues)")
     return p
 
@@ -197,9 +193,24 @@ def guided_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood_scale", type=float, default=0.0, help="guidance down the OOD score (0: filter only)")
     p.add_argument("--ood_threshold", type=float, default=None, help="reject above this OOD score (default: the "
                    "95th percentile of the fitted latents' own scores)")  # fmt: skip
-    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    p.add_argument("--discriminator", type=Path, default=None, help="a real-vs-generated discriminator "
+                   "(sdtune generate discriminator): its p(real) is recorded as realism")  # fmt: skip
+    p.add_argument("--discriminator_scale", type=float, default=0.0, help="guidance towards p(real) (0: score only)")
+    p.add_argument("--min_realism", type=float, default=None, help="reject samples with p(real) below this")
+    add_model_options(p)
     p.add_argument("--checker", default=TINY_PRETRAINED, help="independent judge of the images ('none' to skip)")
+    return p
+
+
+def discriminator_parser() -> argparse.ArgumentParser:
+    about = "Train a noise-aware real-vs-generated discriminator of latents"
+    p = argparse.ArgumentParser(prog="sdtune generate discriminator", allow_abbrev=False, description=about)
+    p.add_argument("--real", required=True, help="latent shards of real images")
+    p.add_argument("--generated", required=True, help="latent shards of generated images (same VAE)")
+    p.add_argument("--out", type=Path, required=True, help="output folder (classifier/, discriminator.json)")
+    p.add_argument("--noise_aware", default=TINY_PRETRAINED, help="the model whose noise schedule it is trained on")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (batch 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, init and batches")
     return p
 
 
@@ -234,6 +245,10 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
     start = torch.zeros(shape)  # strength 1: pure noise, the start latents do not matter
     labels = torch.full((len(seeds),), label)
     terms: list[Any] = [ClassifierPull(classifier, labels, options.classifier_scale)]
+    discriminator = NoiseAwareClassifier.load(options.discriminator) if options.discriminator else None
+    if discriminator is not None and options.discriminator_scale > 0:
+        real = torch.full((len(seeds),), discriminator.label_of("real"))
+        terms.append(ClassifierPull(discriminator, real, options.discriminator_scale))
     if ood is not None and options.ood_scale > 0:
         terms.append(ScorePull(ood.term_score(classifier), options.ood_scale))
     started = time.perf_counter()
@@ -251,6 +266,8 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
         "settings": {"label": options.label, "classifier_scale": options.classifier_scale, "prompt": options.prompt,
                      "cfg_scale": options.cfg_scale, "seeds": seeds, "steps": options.steps,
                      "scheduler": options.scheduler, "ood_scale": options.ood_scale, "ood_threshold": threshold,
+                     "discriminator": str(options.discriminator) if options.discriminator else None,
+                     "discriminator_scale": options.discriminator_scale, "min_realism": options.min_realism,
                      "classifier": str(options.classifier), "model": options.model},
         "seconds": {"unguided": round(plain_s, 3), "guided": round(guided_s, 3)},
         "rows": {},
@@ -267,6 +284,12 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
             index = checker.heads["digit"].classes.index(options.label)
             entry["checker_p"] = [round(float(p), 4) for p in probabilities[:, index]]
             entry["checker_hit"] = float((probabilities.argmax(1) == index).float().mean())
+        if discriminator is not None:
+            with torch.no_grad():
+                realism = discriminator(latents, torch.zeros(len(seeds))).softmax(1)[:, discriminator.label_of("real")]
+            entry["realism"] = [round(float(p), 4) for p in realism]
+            if options.min_realism is not None:
+                entry["realistic_enough"] = [bool(p >= options.min_realism) for p in realism]
         if ood is not None and threshold is not None:
             scores = ood(classifier, latents)
             entry["ood_score"] = [round(float(x), 4) for x in scores]
@@ -281,6 +304,14 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: list[str]) -> None:
+    if args and args[0] == "discriminator":
+        from sdtune.generate.discriminator import train_discriminator
+
+        options = discriminator_parser().parse_args(args[1:])
+        record = train_discriminator(options.real, options.generated, options.out, options.noise_aware,
+                                     options.steps, options.seed)  # fmt: skip
+        print(f"generate discriminator: held-out accuracy {record['heldout_accuracy']:.3f}; {options.out}")
+        return
     if args and args[0] == "report":
         from sdtune.generate.report import parser as report_parser
         from sdtune.generate.report import report
@@ -304,7 +335,7 @@ def main(args: list[str]) -> None:
         return
     if not args or args[0] != "interpolate":
         raise SystemExit(
-            "usage: sdtune generate interpolate|guided|dataset|report ... (see sdtune generate guided --help)"
+            "usage: sdtune generate interpolate|guided|dataset|discriminator|report ... (each takes --help)"
         )
     options = parser().parse_args(args[1:])
     record = run(options)

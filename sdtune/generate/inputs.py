@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from PIL import Image
 
 from sdtune.eval.render import unet_of
 from sdtune.eval.targets import checkpoint_target
-from sdtune.models.components import SDComponents, load_components
+from sdtune.models.components import TINY_PRETRAINED, SDComponents, load_components
 
 
 def load_image(path: Path, size: int, option: str) -> torch.Tensor:
@@ -38,3 +39,16 @@ def load_model(model: str, checkpoint: Path | None) -> SDComponents:
     for module in (parts.unet, parts.vae, parts.text_encoder):
         module.eval()
     return parts
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--model and --checkpoint: what every `sdtune generate` command generates with."""
+    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+
+
+def add_sample_options(p: argparse.ArgumentParser, target_required: bool) -> None:
+    """--a, --b, --target: the two samples to interpolate and the one guidance pulls towards."""
+    p.add_argument("--a", type=Path, required=True, help="first sample (an image file)")
+    p.add_argument("--b", type=Path, required=True, help="second sample (an image file)")
+    p.add_argument("--target", type=Path, required=target_required, help="the sample guidance pulls towards")

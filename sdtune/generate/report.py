@@ -28,7 +28,7 @@ import torch
 from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import CheckerFeatures
 from sdtune.generate.guidance import METRICS, Metric, Target
-from sdtune.generate.inputs import load_image, load_model
+from sdtune.generate.inputs import add_model_options, add_sample_options, load_image, load_model
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
 from sdtune.latent.html import STYLE, figure_html, table_html
@@ -44,12 +44,9 @@ SCALES = (0.0, 0.1, 0.3, 0.6)
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sdtune generate report", description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    p.add_argument("--a", type=Path, required=True, help="first sample (an image file)")
-    p.add_argument("--b", type=Path, required=True, help="second sample (an image file)")
-    p.add_argument("--target", type=Path, required=True, help="the sample guidance pulls towards")
+    add_sample_options(p, target_required=True)
     p.add_argument("--out", type=Path, required=True, help="output folder (report.html, report.json)")
-    p.add_argument("--model", default=TINY_PRETRAINED, help="base model: Hub id, diffusers folder or tiny-pretrained")
-    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint folder of a run (its EMA UNet)")
+    add_model_options(p)
     p.add_argument("--metric", default="pixel", choices=METRICS, help="the distance guidance descends")
     p.add_argument("--alphas", default="0,0.25,0.5,0.75,1", help="interpolation weights")
     p.add_argument("--seeds", type=int, default=4, help="noise seeds per alpha in the curves")

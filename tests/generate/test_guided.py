@@ -85,3 +85,31 @@ def test_the_ood_filter_rejects_more_at_a_lower_threshold(noise_aware: tuple[Pat
         plain.build(4, 16, 10)
         plain.export(classifier_folder.parent / "clean")
         NoiseAwareClassifier.load(classifier_folder.parent / "clean")
+
+
+def test_a_discriminator_scores_realism_guides_towards_it_and_filters(
+    noise_aware: tuple[Path, Path], tmp_path: Path
+) -> None:
+    classifier, latents = noise_aware
+    shards = latents.parent / "shards"
+    made = tmp_path / "made"
+    for command in (
+        ["generate", "dataset", "--source", str(shards), "--out", str(made), "--per_class", "20", "--steps", "6",
+         "--samples_per_shard", "100", "--prompt_template", "a handwritten digit {label}"],
+        ["generate", "discriminator", "--real", str(latents), "--generated", str(tmp_path / "made_latents"),
+         "--out", str(tmp_path / "disc"), "--steps", "150"],
+    ):  # fmt: skip
+        if command[1] == "discriminator":
+            encode_latents(str(made), str(tmp_path / "made_latents"), vae="tiny-pretrained", batch_size=64)
+        result = subprocess.run([sys.executable, "-m", "sdtune", *command], cwd=REPO, env=train_env(),
+                                capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "disc" / "discriminator.json").read_text())
+    assert record["per_side"] == 200 and record["heldout_accuracy"] > 0.6, record  # chance: 0.5
+    runs = {}
+    for scale in ("0", "0.5"):
+        extra = ["--discriminator", str(tmp_path / "disc" / "classifier"), "--discriminator_scale", scale]
+        runs[scale] = guided(classifier, tmp_path / f"g{scale}", *extra, "--min_realism", "0.5")["rows"]["guided"]
+    assert np.mean(runs["0.5"]["realism"]) > np.mean(runs["0"]["realism"]), "guidance towards p(real) raises it"
+    for row in runs.values():
+        assert row["realistic_enough"] == [p >= 0.5 for p in row["realism"]]
