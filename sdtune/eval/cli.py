@@ -20,7 +20,8 @@ def parser() -> argparse.ArgumentParser:
         "eval.json, eval.csv and eval.html into --out",
         allow_abbrev=False,
     )
-    p.add_argument("checkpoints", nargs="+", help="run folders, checkpoint folders, or s3:// / hf:// checkpoint URLs")
+    sources = "run folders, checkpoint folders, a sweep plan.json, or s3:// / hf:// checkpoint URLs"
+    p.add_argument("checkpoints", nargs="+", help=sources)
     p.add_argument("--out", type=Path, required=True, help="output folder (the image cache lives in OUT/cache)")
     p.add_argument("--prompts", type=Path, required=True, help="a text file, one prompt per line")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
