@@ -131,4 +131,13 @@ class Checker:
 
     def score_rendered(self, images: np.ndarray, prompts: list[str]) -> CheckerResult:
         """`score` of a pipeline's numpy output: (N, H, W, 3) floats in [0, 1]."""
-        return self.score(torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1, prompts)
+        return self.score(_from_rendered(images), prompts)
+
+    def predict_rendered(self, images: np.ndarray) -> dict[str, torch.Tensor]:
+        """`predict` of a pipeline's numpy output: (N, H, W, 3) floats in [0, 1]."""
+        return self.predict(_from_rendered(images))
+
+
+def _from_rendered(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) floats in [0, 1] -> (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1

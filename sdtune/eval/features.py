@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from sdtune.eval.checker import Checker
+from sdtune.models.sampling import to_pil
 
 CHECKER = "checker"
 PIXELS = "pixels"
@@ -48,7 +49,7 @@ def _embedding(output: torch.Tensor | object) -> torch.Tensor:
 
 
 def _pil(images: np.ndarray) -> list[Image.Image]:
-    return [Image.fromarray((np.asarray(a) * 255).round().clip(0, 255).astype(np.uint8)) for a in images]
+    return [to_pil(a) for a in images]
 
 
 @dataclass

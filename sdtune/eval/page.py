@@ -8,16 +8,15 @@ over steps; a table of every checkpoint's scores with the best one per metric ma
 from __future__ import annotations
 
 import html
-import io
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import matplotlib
 import numpy as np
-from PIL import Image
 
 from sdtune.checkpoint.layout import parse_tag
 from sdtune.latent.html import STYLE, figure_html, table_html
+from sdtune.latent.plots import figure_png, image_png
 from sdtune.models.sampling import labelled_grid
 
 matplotlib.use("Agg")
@@ -36,12 +35,6 @@ _CURVES = (
     ("nn_similarity", "similarity to nearest training image"),
     ("val_loss", "held-out denoising loss (lower is better)"),
 )
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _short(label: str) -> str:
@@ -67,10 +60,7 @@ def _curves(record: dict[str, Any]) -> list[tuple[str, bytes]]:
             axis.legend(fontsize=7)
         axis.set(xlabel="training step (0 = base model)", title=title)
         axis.title.set_fontsize(9)
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-        plt.close(figure)
-        figures.append((title, buffer.getvalue()))
+        figures.append((title, figure_png(figure, dpi=100)))
     return figures
 
 
@@ -97,7 +87,7 @@ def _grids(images: Images, prompts: list[str], seeds: list[int]) -> list[tuple[s
         # rows: seeds; columns: checkpoints
         tiles = [rendered[p * len(seeds) + s] for s in range(len(seeds)) for rendered in images.values()]
         grid = labelled_grid(np.stack(tiles), [f"seed {s}" for s in seeds], columns, title=prompt)
-        figures.append((prompt, _png(grid)))
+        figures.append((prompt, image_png(grid)))
     return figures
 
 
@@ -111,7 +101,7 @@ def _pairs(record: dict[str, Any], images: Images, train: ImageSet | None) -> li
         tiles += [images[copier["label"]][pair["image"]], train.images[pair["train_index"]]]
     labels = [f"{pair['similarity']:.3f} {pair['prompt'][:24]}" for pair in copier["closest_pairs"]]
     grid = labelled_grid(np.stack(tiles), labels, ["generated", "nearest training image"], title=copier["label"])
-    return [(f"closest pairs of {copier['label']}", _png(grid))]
+    return [(f"closest pairs of {copier['label']}", image_png(grid))]
 
 
 def render_page(record: dict[str, Any], images: Images, train: ImageSet | None) -> str:

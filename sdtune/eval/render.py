@@ -23,7 +23,7 @@ from PIL import Image
 
 from sdtune.eval.targets import Target
 from sdtune.models.components import SDComponents, fused_unet, load_components, vae_scale_factor
-from sdtune.models.sampling import generate, prompt_major
+from sdtune.models.sampling import generate, prompt_major, to_pil
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ImageCache:
     def write(self, path: Path, image: np.ndarray) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(tmp, format="PNG")
+        to_pil(image).save(tmp, format="PNG")
         os.replace(tmp, path)
 
 

@@ -12,6 +12,7 @@ what the checker sees) and each image as PNG.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -19,9 +20,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from sdtune.eval.checker import Checker, checker_folder
+from sdtune.eval.evaluate import parse_seeds
 from sdtune.eval.features import CheckerFeatures
 from sdtune.eval.targets import checkpoint_target
 from sdtune.generate.guidance import METRICS, Metric, Target
@@ -29,7 +30,7 @@ from sdtune.generate.inputs import add_model_options, add_sample_options, load_i
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
 from sdtune.models.components import TINY_PRETRAINED, vae_scale_factor
-from sdtune.models.sampling import labelled_grid
+from sdtune.models.sampling import labelled_grid, to_pil
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _png(image: np.ndarray, path: Path) -> None:
-    Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(path)
+    to_pil(image).save(path)
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
@@ -83,7 +84,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
     mixed = mix(z[0], z[1], alphas, options.method)
     seeds = [options.seed + i for i in range(len(alphas))]
     started = time.perf_counter()
-    refined = refine(parts, mixed, RefineSettings(**{**settings.__dict__, "guidance_scale": 0.0}), seeds)
+    refined = refine(parts, mixed, dataclasses.replace(settings, guidance_scale=0.0), seeds)
     plain_s = time.perf_counter() - started
     rows = {"naive decode": mixed, f"refined (strength {settings.strength})": refined.latents}
     guided_s = None
@@ -117,7 +118,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
             with torch.no_grad():
                 entry["distance"] = [round(float(d), 6) for d in metric.distance(latents, target)]
         if checker is not None:
-            predicted = checker.predict(torch.from_numpy(images[name]).permute(0, 3, 1, 2) * 2 - 1)
+            predicted = checker.predict_rendered(images[name])
             entry["checker"] = {
                 k: [checker.heads[k].classes[int(i)] for i in v.argmax(1)] for k, v in predicted.items()
             }
@@ -215,13 +216,14 @@ def discriminator_parser() -> argparse.ArgumentParser:
 
 
 def parse_seed_list(text: str) -> list[int]:
+    """FIRST-LAST (inclusive), or a comma-separated list as `sdtune eval --seeds` takes."""
+    if "-" not in text or "," in text:
+        return parse_seeds(text)
     try:
-        if "-" in text and "," not in text:
-            first, last = (int(x) for x in text.split("-"))
-            return list(range(first, last + 1))
-        return [int(x) for x in text.split(",") if x.strip()]
+        first, last = (int(x) for x in text.split("-"))
     except ValueError as err:
         raise ValueError(f"--seeds: {text!r} is not FIRST-LAST or a comma-separated list") from err
+    return list(range(first, last + 1))
 
 
 def run_guided(options: argparse.Namespace) -> dict[str, Any]:
@@ -280,7 +282,7 @@ def run_guided(options: argparse.Namespace) -> dict[str, Any]:
             t0 = torch.zeros(len(seeds))
             entry["classifier_p"] = [round(float(p), 4) for p in classifier(latents, t0).softmax(1)[:, label]]
         if checker is not None and options.label in checker.vocabulary.get("digit", []):
-            probabilities = checker.predict(torch.from_numpy(images[name]).permute(0, 3, 1, 2) * 2 - 1)["digit"]
+            probabilities = checker.predict_rendered(images[name])["digit"]
             index = checker.heads["digit"].classes.index(options.label)
             entry["checker_p"] = [round(float(p), 4) for p in probabilities[:, index]]
             entry["checker_hit"] = float((probabilities.argmax(1) == index).float().mean())

@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 
 from sdtune.data.manifest import DatasetManifest, ShardEntry
 from sdtune.data.tables import cap_per_class, heldout_split, read_table
 from sdtune.fileio import sha256_file
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.models.components import SDComponents
+from sdtune.models.sampling import to_pil
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def plan_samples(
 
 def _jpeg(image: np.ndarray, quality: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray((image * 255).round().clip(0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=quality)
+    to_pil(image).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 

@@ -20,7 +20,7 @@ import torch
 
 from sdtune.generate.guidance import Metric, Target, TargetPull, Term, decode
 from sdtune.generate.schedulers import make_scheduler
-from sdtune.models.components import SDComponents
+from sdtune.models.components import SDComponents, encode_prompts
 
 
 @dataclass(frozen=True)
@@ -70,14 +70,6 @@ def mix(a: torch.Tensor, b: torch.Tensor, alphas: list[float], method: str = "sl
     return wa * a + wb * b
 
 
-def _text_states(parts: SDComponents, prompts: list[str], cfg: bool, device: torch.device) -> torch.Tensor:
-    tokens = parts.tokenizer(
-        prompts + ([""] * len(prompts) if cfg else []), padding="max_length",
-        max_length=parts.tokenizer.model_max_length, truncation=True, return_tensors="pt",
-    ).input_ids.to(device)  # fmt: skip
-    return parts.text_encoder(tokens)[0]
-
-
 def _noise(shape: tuple[int, ...], seeds: list[int], device: torch.device) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
 
@@ -109,7 +101,10 @@ def refine(
     noise = _noise(tuple(latents.shape[1:]), seeds, device)
     x = scheduler.add_noise(latents, noise, timesteps[:1].repeat(len(latents)))
     cfg = settings.cfg_scale != 1.0
-    text = _text_states(parts, prompts or [settings.prompt] * len(latents), cfg, device)
+    conditions = prompts or [settings.prompt] * len(latents)
+    text = encode_prompts(
+        parts.tokenizer, parts.text_encoder, conditions + ([""] * len(latents) if cfg else []), device
+    )
     alphas = parts.noise_scheduler.alphas_cumprod.to(device)
     guided: list[Term] = list(terms or [])
     if metric is not None and target is not None and settings.guidance_scale > 0:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import html
-import io
 import json
 import time
 from pathlib import Path
@@ -31,7 +30,9 @@ from sdtune.generate.guidance import METRICS, Metric, Target
 from sdtune.generate.inputs import add_model_options, add_sample_options, load_image, load_model
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
+from sdtune.latent.benchmark import table_rows
 from sdtune.latent.html import STYLE, figure_html, table_html
+from sdtune.latent.plots import figure_png, image_png
 from sdtune.models.components import TINY_PRETRAINED, SDComponents, vae_scale_factor
 from sdtune.models.sampling import labelled_grid
 
@@ -57,19 +58,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", type=Path, default=None, help="benchmark.json of a latent benchmark with "
                    "generator rows (the synthetic-training table)")  # fmt: skip
     return p
-
-
-def _png(figure: Any) -> bytes:
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(figure)
-    return buffer.getvalue()
-
-
-def _grid_png(image: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class _Study:
@@ -110,8 +98,7 @@ class _Study:
 
     @torch.no_grad()
     def score(self, latents: torch.Tensor) -> dict[str, float]:
-        images = torch.from_numpy(to_images(self.parts.vae, latents)).permute(0, 3, 1, 2) * 2 - 1
-        predicted = self.checker.predict(images)
+        predicted = self.checker.predict_rendered(to_images(self.parts.vae, latents))
         same = np.mean([float((predicted[k].argmax(1) == v).float().mean()) for k, v in self.target_classes.items()])
         figures = {"distance": float(self.metric.distance(latents, self.target).mean()), "checker_agrees": float(same)}
         if self.ood is not None:
@@ -127,26 +114,7 @@ def _curve(rows: list[dict[str, Any]], x: str, title: str) -> bytes:
         axis.set(xlabel=x.replace("_", " "), title=name.replace("_", " "))
         axis.grid(alpha=0.3)
     figure.suptitle(title, fontsize=9, y=1.04)
-    return _png(figure)
-
-
-def _benchmark_table(path: Path) -> list[list[str]]:
-    rows = json.loads(path.read_text())["rows"]
-    cells: dict[tuple[str, str], list[float]] = {}
-    for row in rows:
-        cells.setdefault((row["classifier"], row["augmentation"]), []).append(row["accuracy"])
-    augmentations = list(dict.fromkeys(r["augmentation"] for r in rows))
-    body = [
-        [
-            name,
-            *(
-                f"{np.mean(cells[(name, a)]):.3f} ± {np.std(cells[(name, a)]):.3f}" if (name, a) in cells else ""
-                for a in augmentations
-            ),
-        ]
-        for name in dict.fromkeys(r["classifier"] for r in rows)
-    ]
-    return [["classifier", *augmentations], *body]
+    return figure_png(figure, dpi=100)
 
 
 def report(options: argparse.Namespace) -> dict[str, Any]:
@@ -165,7 +133,7 @@ def report(options: argparse.Namespace) -> dict[str, Any]:
     )
     strip = np.concatenate([to_images(parts.vae, x) for x in (study.mixed, plain.latents, guided.latents)])
     columns = [f"alpha {a:g}" for a in study.alphas]
-    strip_png = _grid_png(
+    strip_png = image_png(
         labelled_grid(
             strip,
             ["naive decode", "refined (strength 0.6)", f"guided (0.3, {options.metric})"],
@@ -175,7 +143,7 @@ def report(options: argparse.Namespace) -> dict[str, Any]:
     )
     steps = [to_images(parts.vae, x0) for x0 in guided.trajectory]
     tiles = np.stack([steps[s][i] for i in one for s in range(len(steps))])
-    trajectory_png = _grid_png(labelled_grid(tiles, columns, [f"{s + 1}" for s in range(len(steps))],
+    trajectory_png = image_png(labelled_grid(tiles, columns, [f"{s + 1}" for s in range(len(steps))],
                                              title="guided: the clean estimate at each step"))  # fmt: skip
     by_strength = [{"strength": s, **study.measure(s, 0.0)} for s in STRENGTHS]
     by_scale = [{"guidance_scale": g, **study.measure(0.6, g)} for g in SCALES]
@@ -208,9 +176,10 @@ def report(options: argparse.Namespace) -> dict[str, Any]:
         "</div></section><section><h2>Samplers (strength 0.6, guidance 0.3)</h2>", table_html(sched_rows), "</section>",
     ]  # fmt: skip
     if options.benchmark is not None:
+        trained = table_rows(json.loads(options.benchmark.read_text())["rows"], "accuracy")
         parts_html += ["<section><h2>Training on generated data</h2><p>Held-out accuracy, mean ± std over seeds: real "
                        "only (none), real + generated, generated only, beside the latent augmentations.</p>",
-                       table_html(_benchmark_table(options.benchmark)), "</section>"]  # fmt: skip
+                       table_html(trained), "</section>"]  # fmt: skip
     parts_html.append("</body></html>")
     options.out.mkdir(parents=True, exist_ok=True)
     (options.out / "report.html").write_text("\n".join(parts_html))

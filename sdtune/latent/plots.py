@@ -10,12 +10,21 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 
 
-def _png(figure: plt.Figure) -> bytes:
+def figure_png(figure: plt.Figure, dpi: int = 110) -> bytes:
+    """A matplotlib figure as PNG bytes (the figure is closed)."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(figure)
+    return buffer.getvalue()
+
+
+def image_png(image: Image.Image) -> bytes:
+    """A PIL image as PNG bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -40,7 +49,7 @@ def image_strip(rows: dict[str, torch.Tensor], column_titles: list[str]) -> byte
                 axis.set_title(column_titles[c], fontsize=8)
             if c == 0:
                 axis.set_ylabel(name, fontsize=8, rotation=0, ha="right", va="center")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def scatter_by_class(points: dict[str, np.ndarray], labels: np.ndarray, classes: list[str]) -> bytes:
@@ -55,7 +64,7 @@ def scatter_by_class(points: dict[str, np.ndarray], labels: np.ndarray, classes:
         axis.set_xticks([])
         axis.set_yticks([])
     axes[0][-1].legend(fontsize=7, markerscale=1.5, loc="center left", bbox_to_anchor=(1.0, 0.5), title="class")
-    return _png(figure)
+    return figure_png(figure)
 
 
 def histogram(values: np.ndarray, title: str, xlabel: str) -> bytes:
@@ -66,7 +75,7 @@ def histogram(values: np.ndarray, title: str, xlabel: str) -> bytes:
     axis.set_xlabel(xlabel)
     axis.set_ylabel("images")
     axis.legend(fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def distance_boxes(latent: dict[str, np.ndarray], pixel: dict[str, np.ndarray]) -> bytes:
@@ -78,7 +87,7 @@ def distance_boxes(latent: dict[str, np.ndarray], pixel: dict[str, np.ndarray]) 
         axis.axhline(1.0, color="grey", linestyle=":", linewidth=1)
         axis.set_title(title, fontsize=10)
         axis.set_ylabel("distance to nearest real sample\n(1 = typical real-to-real distance)", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def confusion(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
@@ -92,7 +101,7 @@ def confusion(matrix: np.ndarray, classes: list[str], title: str) -> bytes:
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     axis.set_title(title, fontsize=10)
-    return _png(figure)
+    return figure_png(figure)
 
 
 def attention_overlays(images: torch.Tensor, maps: torch.Tensor, captions: list[str]) -> bytes:
@@ -112,4 +121,4 @@ def attention_overlays(images: torch.Tensor, maps: torch.Tensor, captions: list[
             axis.set_yticks([])
     axes[0][0].set_ylabel("image", fontsize=8)
     axes[1][0].set_ylabel("attention", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)

@@ -237,3 +237,13 @@ def load_noise_scheduler(pretrained: str, revision: str | None = None) -> DDPMSc
     source = resolve_pretrained(pretrained)
     _check_source(source, ("scheduler",))
     return DDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+
+
+def encode_prompts(
+    tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompts: list[str], device: torch.device
+) -> torch.Tensor:
+    """Prompts -> the text encoder's hidden states (B, 77, D), padded to the tokenizer's full length as SD does."""
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    return text_encoder(tokens)[0]

@@ -66,13 +66,18 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.
     return text + "..."
 
 
+def to_pil(image: np.ndarray) -> Image.Image:
+    """(H, W, 3) floats in [0, 1] -> an 8-bit RGB image (rounded, clipped)."""
+    return Image.fromarray((np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8))
+
+
 def make_grid(images: np.ndarray, num_rows: int) -> Image.Image:
     """(N, H, W, 3) floats in [0, 1], row-major -> one image with `num_rows` rows."""
     num_images, height, width, _ = images.shape
     num_cols = num_images // num_rows
     grid = Image.new("RGB", (num_cols * width, num_rows * height), (255, 255, 255))
     for index, array in enumerate(images):
-        tile = Image.fromarray((array * 255).round().clip(0, 255).astype(np.uint8))
+        tile = to_pil(array)
         grid.paste(tile, ((index % num_cols) * width, (index // num_cols) * height))
     return grid
 

@@ -15,7 +15,7 @@ from diffusers.optimization import get_scheduler
 from sdtune import rng
 from sdtune.distributed import flag_tensor_of_all_ranks
 from sdtune.fsdp import FSDP2Strategy
-from sdtune.models.components import load_components
+from sdtune.models.components import encode_prompts, load_components
 from sdtune.models.diffusion_loss import diffusion_loss, min_snr_weights, prediction_target, sample_noise
 from sdtune.models.lora import LORA_WEIGHTS, add_lora, lora_state_dict
 from sdtune.tensorfile import FileContent, TensorFile, replace_values, write_files
@@ -178,14 +178,7 @@ class SDFineTune(L.LightningModule):
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         """Captions -> CLIP hidden states (B, 77, D)."""
-        tokens = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.text_encoder(tokens)[0]
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device)
 
     def step_generator(self) -> torch.Generator:
         """A generator seeded from (seed, step, rank): a resumed run draws the same noise at the same step."""

@@ -22,7 +22,7 @@ def test_the_report_page_shows_strips_curves_samplers_and_the_training_table(tmp
     synth(tmp_path / "samples", num_images=3, size=64, seed=2)
     a, b, target = sorted((tmp_path / "samples").glob("*.png"))
     rows = [
-        {"classifier": "cnn", "augmentation": aug, "seed": seed, "accuracy": acc}
+        {"classifier": "cnn", "input": "latents", "augmentation": aug, "seed": seed, "accuracy": acc}
         for aug, acc in (("none", 0.9), ("generated", 0.91), ("generated_only", 0.8))
         for seed in (0, 1)
     ]
