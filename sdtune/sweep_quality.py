@@ -86,8 +86,8 @@ def size_points(runs: list[dict[str, Any]], scored: dict[str, dict[str, float]],
     return points
 
 
-def plot_quality(runs: list[dict[str, Any]], record: dict[str, Any], path: Path) -> list[str]:
-    """quality.png: one panel per metric found; returns the metrics plotted."""
+def plot_quality(runs: list[dict[str, Any]], record: dict[str, Any], path: Path) -> dict[str, list[SizePoint]]:
+    """quality.png: one panel per metric found; returns each plotted metric's points."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +98,7 @@ def plot_quality(runs: list[dict[str, Any]], record: dict[str, Any], path: Path)
     panels = [(name, title, size_points(runs, scored, name)) for name, title in METRICS]
     panels = [p for p in panels if p[2]]
     if not panels:
-        return []
+        return {}
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.2 * rows), squeeze=False)
@@ -122,7 +122,7 @@ def plot_quality(runs: list[dict[str, Any]], record: dict[str, Any], path: Path)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
-    return [p[0] for p in panels]
+    return {name: points for name, _, points in panels}
 
 
 def write_quality_csv(runs: list[dict[str, Any]], record: dict[str, Any], path: Path) -> None:
@@ -193,8 +193,8 @@ def quality_section(plan_runs: list[dict[str, Any]], eval_path: Path, out: Path)
         lines.append("| base model | | " + " | ".join(_cell(scored["base"], n) for n in plotted) + " |")
     for size in sorted({r["size"] for r in plan_runs}):
         cells = []
-        for name in plotted:
-            point = next((p for p in size_points(plan_runs, scored, name) if p.size == size), None)
+        for points in plotted.values():
+            point = next((p for p in points if p.size == size), None)
             cells.append("" if point is None else f"{point.value:.4g} [{point.low:.4g}, {point.high:.4g}]")
         count = sum(r["size"] == size and r["name"] in scored for r in plan_runs)
         lines.append(f"| {size} | {count} | " + " | ".join(cells) + " |")

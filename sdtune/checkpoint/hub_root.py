@@ -81,8 +81,7 @@ def replaces_root(rule: RootRule, current: dict[str, Any] | None, score: tuple[f
     return value > held if higher else value < held
 
 
-def root_record(rule: RootRule, tag: str, folder: Path, base_model: str) -> dict[str, Any]:
-    score = checkpoint_score(folder, rule.metric) if rule.metric else None
+def root_record(rule: RootRule, tag: str, score: tuple[float, bool] | None, base_model: str) -> dict[str, Any]:
     return {
         "checkpoint": tag,
         "rule": str(rule),

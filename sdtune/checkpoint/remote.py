@@ -244,6 +244,6 @@ class HubRemote:
         base_model = str(read_manifest(folder).get("base_model"))
         with_base = self.root_state is None or self.root_state.get("base_model") != base_model
         files = root_files(folder, folder.parent / ".hub-root", self.save_base, with_base)
-        record = root_record(rule, tag, folder, base_model)
+        record = root_record(rule, tag, score, base_model)
         ops = [CommitOperationAdd(name, str(path)) for name, path in files.items()]
         return ops + [CommitOperationAdd(ROOT_RECORD, json.dumps(record, indent=2).encode())], record

@@ -95,12 +95,11 @@ def _plan_targets(plan: Path, use_ema: bool) -> list[Target]:
     targets = []
     for run in json.loads(plan.read_text())["runs"]:
         checkpoints = Path(run["run_dir"]) / "checkpoints"
-        complete = (r for r in list_checkpoints(checkpoints) if verify_checkpoint(r.path, False, False) is None)
-        ref = next(complete, None)
-        if ref is None:
+        found = _run_targets(checkpoints, use_ema)
+        if not found:
             log.warning("eval: %s has no complete checkpoint in %s; run it first", run["name"], checkpoints)
             continue
-        targets.append(dataclasses.replace(checkpoint_target(ref.path, use_ema), label=run["name"]))
+        targets.append(dataclasses.replace(found[-1], label=run["name"]))
     return targets
 
 

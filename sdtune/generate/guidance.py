@@ -27,6 +27,21 @@ METRICS = ("latent", "pixel", "features")
 Embed = Callable[[torch.Tensor], torch.Tensor]  # images (N, 3, H, W) in [-1, 1] -> (N, D)
 
 
+def gradient(value_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sample values of `value_of` at x, the gradient of their sum at x), x taken as a float leaf."""
+    with torch.enable_grad():
+        leaf = x.detach().float().requires_grad_(True)
+        values = value_of(leaf)
+        values.sum().backward()
+    assert leaf.grad is not None
+    return values.detach(), leaf.grad
+
+
+def per_rms(grad: torch.Tensor) -> torch.Tensor:
+    """`grad` scaled to an RMS of 1 per sample: a step of `scale` x this moves each latent element by `scale` RMS."""
+    return grad / grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
+
+
 def decode(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
     """Scaled latents -> images (N, 3, H, W) in [-1, 1] (not clamped: gradients flow)."""
     return vae.decode(latents / vae.config.scaling_factor).sample
@@ -63,15 +78,9 @@ class Metric:
         raise the distance (a curved metric overshooting) is halved, up to `halvings` times."""
         if scale == 0:
             return x0
-        with torch.enable_grad():
-            x = x0.detach().float().requires_grad_(True)
-            distance = self.distance(x, target)
-            distance.sum().backward()
-        grad = x.grad
-        assert grad is not None
+        before, grad = gradient(lambda x: self.distance(x, target), x0)
         direction = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         length = scale * (x0.float() - target.latents).flatten(1).norm(dim=1).view(-1, 1, 1, 1)
-        before = distance.detach()
         for _ in range(halvings):
             with torch.no_grad():
                 worse = self.distance(x0.float() - length * direction, target) > before
@@ -116,16 +125,12 @@ class ClassifierPull:
     def apply(self, x0: torch.Tensor, x_in: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.scale == 0 or float(ab) < self.min_alpha_bar:
             return x0
-        with torch.enable_grad():
-            x = x_in.detach().float().requires_grad_(True)
-            timesteps = torch.full((len(x),), float(t), device=x.device)
-            log_p = self.classify(x, timesteps).log_softmax(dim=1)
-            log_p.gather(1, self.labels.view(-1, 1).to(x.device)).sum().backward()
-        assert x.grad is not None
+        timesteps = torch.full((len(x_in),), float(t), device=x_in.device)
+        labels = self.labels.view(-1, 1).to(x_in.device)
+        _, grad = gradient(lambda x: self.classify(x, timesteps).log_softmax(dim=1).gather(1, labels), x_in)
         if self.normalised:  # a step of `scale` (RMS per latent element) along the gradient's direction
-            rms = x.grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-            return (x0.float() + self.scale * x.grad / rms).to(x0.dtype)
-        return (x0.float() + (1 - ab) / ab.sqrt() * self.scale * x.grad).to(x0.dtype)
+            return (x0.float() + self.scale * per_rms(grad)).to(x0.dtype)
+        return (x0.float() + (1 - ab) / ab.sqrt() * self.scale * grad).to(x0.dtype)
 
 
 @dataclass
@@ -139,9 +144,5 @@ class ScorePull:
     def apply(self, x0: torch.Tensor, x_in: torch.Tensor, ab: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.scale == 0:
             return x0
-        with torch.enable_grad():
-            x = x0.detach().float().requires_grad_(True)
-            self.score(x).sum().backward()
-        assert x.grad is not None
-        rms = x.grad.flatten(1).pow(2).mean(1).sqrt().clamp_min(1e-12).view(-1, 1, 1, 1)
-        return (x0.float() - self.scale * x.grad / rms).to(x0.dtype)
+        _, grad = gradient(self.score, x0)
+        return (x0.float() - self.scale * per_rms(grad)).to(x0.dtype)

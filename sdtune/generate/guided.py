@@ -24,8 +24,6 @@ from torch import nn
 
 from sdtune.latent.classifier import load_classifier, with_time_channel
 
-Classify = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
 
 @dataclass
 class NoiseAwareClassifier:
@@ -78,8 +76,9 @@ class OODScore:
     def fit(cls, classifier: NoiseAwareClassifier, latents: torch.Tensor, labels: torch.Tensor) -> OODScore:
         with torch.no_grad():
             features = torch.cat([classifier.features(x) for x in latents.split(256)]).double()
-        means = torch.stack([features[labels == k].mean(0) for k in sorted(set(labels.tolist()))])
-        centred = features - means[torch.as_tensor([sorted(set(labels.tolist())).index(k) for k in labels.tolist()])]
+        classes, of_class = torch.unique(labels, return_inverse=True)  # sorted labels; each sample's index in them
+        means = torch.stack([features[of_class == k].mean(0) for k in range(len(classes))])
+        centred = features - means[of_class]
         covariance = centred.T @ centred / len(features) + 1e-6 * torch.eye(features.shape[1], dtype=torch.float64)
         score = cls(means, torch.linalg.inv(covariance), np.zeros(0))
         score.reference = score.of_features(features)
