@@ -132,13 +132,19 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
 def dataset_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sdtune generate dataset",
-        description="Labelled synthetic shards: refined interpolations of two training samples of one class "
-        "(resumable; see sdtune.generate.dataset)",
+        description="Labelled synthetic shards: refined interpolations of two training samples of one class, or "
+        "classifier-guided text-to-image with an OOD filter (resumable; see sdtune.generate.dataset)",
         allow_abbrev=False,
     )
     p.add_argument("--source", required=True, help="labelled image shards (.cls), e.g. data/digits/shards")
     p.add_argument("--out", type=Path, required=True, help="output folder of the generated shards")
     p.add_argument("--per_class", type=int, required=True, help="samples to make per class")
+    p.add_argument("--method", default="interpolate", choices=("interpolate", "guided"), help="how samples are made")
+    p.add_argument("--classifier", default="", help="guided: a noise-aware Classifier's exported classifier/")
+    p.add_argument("--classifier_scale", type=float, default=1.0, help="guided: classifier guidance (RMS step)")
+    p.add_argument("--ood_percentile", type=float, default=None, help="guided: redraw samples whose OOD score is "
+                   "above this percentile of the real training latents' own scores")  # fmt: skip
+    p.add_argument("--max_attempts", type=int, default=4, help="guided: draws per sample before it is left out")
     p.add_argument("--samples_per_shard", type=int, default=64, help="samples per shard")
     p.add_argument("--alpha_range", default="0.25,0.75", help="mix weights are drawn uniformly from this range")
     p.add_argument("--prompt_template", default="", help="the UNet's prompt, e.g. 'a handwritten digit {label}'")
@@ -168,7 +174,9 @@ def run_dataset(options: argparse.Namespace) -> Path:
         options.source, options.per_class, options.samples_per_shard, low, high, options.prompt_template,
         options.strength, options.steps, options.scheduler, options.cfg_scale, options.seed, options.val_fraction,
         options.split_seed, options.max_train_per_class,
-        model=options.model + (f" + checkpoint sha256 {identity}" if identity else ""),
+        model=options.model + (f" + checkpoint sha256 {identity}" if identity else ""), method=options.method,
+        classifier=options.classifier, classifier_scale=options.classifier_scale,
+        ood_percentile=options.ood_percentile, max_attempts=options.max_attempts,
     )  # fmt: skip
     torch.manual_seed(options.seed)
     return generate_dataset(load_model(options.model, options.checkpoint), settings, options.out, options.max_shards)

@@ -1,14 +1,25 @@
-"""`sdtune generate dataset`: labelled synthetic shards from real ones, by refined interpolation within a class.
+"""`sdtune generate dataset`: labelled synthetic shards, by refined interpolation within a class or by
+classifier-guided text-to-image with an out-of-distribution filter.
 
     sdtune generate dataset --source data/digits/shards --out data/digits/generated --per_class 50 \\
         --prompt_template "a handwritten digit {label}" --strength 0.5
+    sdtune generate dataset --method guided --classifier runs/noise_aware_cnn/classifier --classifier_scale 0.3 \\
+        --ood_percentile 95 --source data/digits/latents --out data/digits/guided --per_class 50 \\
+        --prompt_template "a handwritten digit {label}" --cfg_scale 3
 
-For class c, sample j: two distinct training samples of class c (never a held-out one: the split is the
-classification DataModule's, `--val_fraction` and `--split_seed`; with `--max_train_per_class`, only from the
-real subset a data-scarcity run trains on), a mix weight alpha in `--alpha_range`, and a
-noise seed, all drawn from (seed, c, j); their latents are mixed (slerp) and refined by the UNet
-(sdtune.generate.interpolate). Each sample is a function of its own (seed, c, j), so the shards do not depend on
-how the run was cut.
+`interpolate` (the default): for class c, sample j: two distinct training samples of class c (never a held-out
+one: the split is the classification DataModule's, `--val_fraction` and `--split_seed`; with
+`--max_train_per_class`, only from the real subset a data-scarcity run trains on), a mix weight alpha in
+`--alpha_range`, and a noise seed, all drawn from (seed, c, j); their latents are mixed (slerp) and refined by the
+UNet (sdtune.generate.interpolate).
+
+`guided`: sample j of class c starts from pure noise (seed drawn from (seed, c, j)) and is steered towards c by a
+noise-aware latent classifier (sdtune.generate.guided) on top of the prompt's classifier-free guidance. With
+`--ood_percentile P`, an OOD score is fitted on the training split's latents (the same subset as above) and a
+sample scoring above its P-th percentile is drawn again with the attempt's own seed (seed, c, j, attempt), up to
+`--max_attempts`; a sample rejected every time is left out and counted (`skipped.ood_rejected` in the manifest).
+
+Each sample is a function of its own (seed, c, j), so the shards do not depend on how the run was cut.
 
 Each shard holds `<key>.jpg`, `<key>.cls` (the class index, as the source), `<key>.txt` (the prompt) and
 `<key>.json` (provenance: method, source keys, alpha, seed, strength, scheduler, steps, model and weights
@@ -35,12 +46,15 @@ import webdataset as wds
 from sdtune.data.manifest import DatasetManifest, ShardEntry
 from sdtune.data.tables import cap_per_class, heldout_split, read_table
 from sdtune.fileio import sha256_file
+from sdtune.generate.guidance import ClassifierPull
+from sdtune.generate.guided import NoiseAwareClassifier, OODScore
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
-from sdtune.models.components import SDComponents
+from sdtune.models.components import SDComponents, vae_scale_factor
 from sdtune.models.sampling import to_pil
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
+METHODS = ("interpolate", "guided")
 SETTINGS_NAME = "generation.json"
 PROGRESS_NAME = "progress.json"
 
@@ -63,24 +77,45 @@ class DatasetSettings:
     max_train_per_class: int | None = None  # draw sources only from these (data.max_train_per_class's subset)
     jpeg_quality: int = 95
     model: str = ""  # the model's name and weights identity (a checkpoint's sha256)
+    method: str = "interpolate"  # or "guided"
+    classifier: str = ""  # guided: a noise-aware Classifier's exported classifier/
+    classifier_scale: float = 1.0
+    ood_percentile: float | None = None  # guided: reject above this percentile of the real latents' OOD scores
+    max_attempts: int = 4
 
     def __post_init__(self) -> None:
-        if self.per_class < 1 or self.samples_per_shard < 1:
-            raise ValueError("--per_class and --samples_per_shard must be >= 1")
+        if self.per_class < 1 or self.samples_per_shard < 1 or self.max_attempts < 1:
+            raise ValueError("--per_class, --samples_per_shard and --max_attempts must be >= 1")
         if not 0.0 <= self.alpha_low <= self.alpha_high <= 1.0:
             raise ValueError(f"--alpha_range: need 0 <= low <= high <= 1, got {self.alpha_low},{self.alpha_high}")
+        if self.method not in METHODS:
+            raise ValueError(f"--method: {self.method!r} is not one of {list(METHODS)}")
+        if self.method == "guided" and not self.classifier:
+            raise ValueError("--classifier: --method guided needs a noise-aware classifier (its classifier/ folder)")
+        if self.ood_percentile is not None and (self.method != "guided" or not 0 < self.ood_percentile <= 100):
+            raise ValueError("--ood_percentile: a percentile in (0, 100], with --method guided")
 
     def refine_settings(self) -> RefineSettings:
-        return RefineSettings(self.strength, self.steps, self.scheduler, "", self.cfg_scale)
+        strength = 1.0 if self.method == "guided" else self.strength  # guided: from pure noise
+        return RefineSettings(strength, self.steps, self.scheduler, "", self.cfg_scale)
 
 
 @dataclass(frozen=True)
 class PlannedSample:
     key: str
     label: int
-    sources: tuple[int, int]  # row indices in the source table
-    alpha: float
+    index: int  # j: the sample's number within its class
+    sources: tuple[int, ...]  # row indices in the source table (interpolate: two; guided: none)
+    alpha: float | None
     noise_seed: int
+
+
+def attempt_seed(settings: DatasetSettings, planned: PlannedSample, attempt: int) -> int:
+    """The noise seed of a guided sample's `attempt` (0: the planned one), from (seed, class, index, attempt)."""
+    if attempt == 0:
+        return planned.noise_seed
+    sequence = np.random.SeedSequence([settings.seed, planned.label, planned.index, attempt])
+    return int(sequence.generate_state(1)[0] % 2**31)
 
 
 def plan_samples(
@@ -90,17 +125,20 @@ def plan_samples(
     planned = []
     for label, name in enumerate(classes):
         members = [i for i in train if labels[i] == label]
-        if len(members) < 2:
+        if settings.method == "interpolate" and len(members) < 2:
             raise ValueError(f"--source: class {name!r} has {len(members)} training sample(s); interpolation needs 2")
         safe = "".join(c if c.isalnum() else "_" for c in name)
         for index in range(settings.per_class):
             sequence = np.random.SeedSequence([settings.seed, label, index])
+            noise_seed = int(sequence.generate_state(1)[0] % 2**31)
+            if settings.method == "guided":
+                planned.append(PlannedSample(f"{safe}-{index:06d}", label, index, (), None, noise_seed))
+                continue
             rng = np.random.default_rng(sequence)
             first, second = rng.choice(len(members), 2, replace=False)
             alpha = float(rng.uniform(settings.alpha_low, settings.alpha_high))
-            noise_seed = int(sequence.generate_state(1)[0] % 2**31)
-            planned.append(PlannedSample(f"{safe}-{index:06d}", label, (members[first], members[second]), alpha,
-                                         noise_seed))  # fmt: skip
+            planned.append(PlannedSample(f"{safe}-{index:06d}", label, index, (members[first], members[second]),
+                                         alpha, noise_seed))  # fmt: skip
     return planned
 
 
@@ -111,32 +149,98 @@ def _jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 class _ShardMaker:
-    def __init__(self, parts: SDComponents, table: Any, settings: DatasetSettings) -> None:
+    def __init__(self, parts: SDComponents, table: Any, train: list[int], settings: DatasetSettings) -> None:
         self.parts, self.table, self.settings = parts, table, settings
+        self.classifier: NoiseAwareClassifier | None = None
+        self.ood: OODScore | None = None
+        self.threshold: float | None = None
+        self.rejected = 0
+        if settings.method == "guided":
+            self.classifier = NoiseAwareClassifier.load(Path(settings.classifier))
+            if [str(c) for c in self.classifier.classes] != [str(c) for c in table.classes]:
+                raise ValueError(
+                    f"--classifier: its classes {self.classifier.classes} are not the source's {table.classes}"
+                )
+            if settings.ood_percentile is not None:
+                self.ood = OODScore.fit(self.classifier, self._latents(train), table.labels[train])
+                self.threshold = self.ood.threshold_at(settings.ood_percentile)
+
+    @torch.no_grad()
+    def _latents(self, rows: list[int]) -> torch.Tensor:
+        """The source's latents at `rows` (encoded by the model's VAE where the source holds images)."""
+        inputs = self.table.inputs[rows].float()
+        if self.table.latent_settings is not None:
+            return inputs
+        device = next(self.parts.vae.parameters()).device
+        return torch.cat([encode(self.parts.vae, x.to(device)).cpu() for x in inputs.split(64)])
+
+    def prompts(self, samples: list[PlannedSample]) -> list[str]:
+        return [self.settings.prompt_template.format(label=self.table.classes[p.label]) for p in samples]
+
+    def interpolated(self, samples: list[PlannedSample]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        s, table = self.settings, self.table
+        device = next(self.parts.unet.parameters()).device
+        firsts = self._latents([p.sources[0] for p in samples]).to(device)
+        seconds = self._latents([p.sources[1] for p in samples]).to(device)
+        mixed = torch.cat([mix(a, b, [p.alpha or 0.0]) for a, b, p in zip(firsts, seconds, samples, strict=True)])
+        refined = refine(self.parts, mixed, s.refine_settings(), [p.noise_seed for p in samples],
+                         prompts=self.prompts(samples))  # fmt: skip
+        extra = [{"source_keys": [table.keys[i] for i in p.sources], "alpha": p.alpha, "seed": p.noise_seed,
+                  "strength": s.strength} for p in samples]  # fmt: skip
+        return refined.latents, extra
+
+    def guided(self, samples: list[PlannedSample]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """Guided samples; where the OOD filter rejects one, its next attempt's seed, up to max_attempts.
+        Rejected every time: its entry is None (left out)."""
+        s, unet = self.settings, self.parts.unet
+        assert self.classifier is not None
+        shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+        latents = torch.zeros(len(samples), *shape)
+        extra: list[dict[str, Any] | None] = [None] * len(samples)
+        prompts = self.prompts(samples)
+        pending = list(range(len(samples)))
+        for attempt in range(s.max_attempts):
+            seeds = [attempt_seed(s, samples[i], attempt) for i in pending]
+            labels = torch.tensor([samples[i].label for i in pending])
+            terms: list[Any] = [ClassifierPull(self.classifier, labels, s.classifier_scale)]
+            out = refine(self.parts, torch.zeros(len(pending), *shape), s.refine_settings(), seeds,
+                         prompts=[prompts[i] for i in pending], terms=terms).latents.cpu()  # fmt: skip
+            scores = self.ood(self.classifier, out) if self.ood is not None else None
+            still = []
+            for k, i in enumerate(pending):
+                if scores is not None and self.threshold is not None and scores[k] > self.threshold:
+                    still.append(i)
+                    continue
+                latents[i] = out[k]
+                extra[i] = {"seed": seeds[k], "attempt": attempt, "classifier_scale": s.classifier_scale,
+                            "ood_score": None if scores is None else round(float(scores[k]), 4),
+                            "ood_threshold": self.threshold}  # fmt: skip
+            pending = still
+            if not pending:
+                break
+        self.rejected += len(pending)
+        return latents, extra  # type: ignore[return-value]
 
     @torch.no_grad()
     def make(self, samples: list[PlannedSample], path: Path) -> int:
         s, table = self.settings, self.table
-        device = next(self.parts.unet.parameters()).device
-        firsts = encode(self.parts.vae, table.inputs[[p.sources[0] for p in samples]].to(device))
-        seconds = encode(self.parts.vae, table.inputs[[p.sources[1] for p in samples]].to(device))
-        mixed = torch.cat([mix(a, b, [p.alpha]) for a, b, p in zip(firsts, seconds, samples, strict=True)])
-        prompts = [s.prompt_template.format(label=table.classes[p.label]) for p in samples]
-        refined = refine(self.parts, mixed, s.refine_settings(), [p.noise_seed for p in samples], prompts=prompts)
-        images = to_images(self.parts.vae, refined.latents)
+        latents, extra = (self.guided if s.method == "guided" else self.interpolated)(samples)
+        images = to_images(self.parts.vae, latents.to(next(self.parts.vae.parameters()).device))
+        written = 0
         with path.open("wb") as handle, wds.TarWriter(handle, mtime=0) as writer:
-            for planned, image, prompt in zip(samples, images, prompts, strict=True):
+            for planned, image, prompt, more in zip(samples, images, self.prompts(samples), extra, strict=True):
+                if more is None:
+                    continue
                 provenance = {
-                    "method": "interpolate", "source_keys": [table.keys[i] for i in planned.sources],
-                    "class": table.classes[planned.label], "alpha": planned.alpha, "seed": planned.noise_seed,
-                    "strength": s.strength, "steps": s.steps, "scheduler": s.scheduler, "cfg_scale": s.cfg_scale,
-                    "prompt": prompt, "model": s.model,
+                    "method": s.method, "class": table.classes[planned.label], "steps": s.steps,
+                    "scheduler": s.scheduler, "cfg_scale": s.cfg_scale, "prompt": prompt, "model": s.model, **more,
                 }  # fmt: skip
                 writer.write({
                     "__key__": planned.key, "jpg": _jpeg(image, s.jpeg_quality), "cls": str(planned.label).encode(),
                     "txt": prompt.encode(), "json": json.dumps(provenance, sort_keys=True).encode(),
                 })  # fmt: skip
-        return len(samples)
+                written += 1
+        return written
 
 
 def generate_dataset(parts: SDComponents, settings: DatasetSettings, out: Path, max_shards: int | None = None) -> Path:
@@ -160,7 +264,7 @@ def generate_dataset(parts: SDComponents, settings: DatasetSettings, out: Path, 
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    maker = _ShardMaker(parts, table, settings)
+    maker = _ShardMaker(parts, table, train, settings)
     size = settings.samples_per_shard
     names = [f"shard-{k:06d}.tar" for k in range(-(-len(planned) // size))]
     made = 0
@@ -169,7 +273,10 @@ def generate_dataset(parts: SDComponents, settings: DatasetSettings, out: Path, 
             continue
         if max_shards is not None and made == max_shards:
             break
+        before = maker.rejected
         count = maker.make(planned[k * size : (k + 1) * size], staging / name)
+        if maker.rejected > before:
+            progress.setdefault("rejected", {})[name] = maker.rejected - before
         (staging / name).replace(out / name)
         progress["done"][name] = asdict(ShardEntry(name, count, sha256_file(out / name), (out / name).stat().st_size))
         tmp = staging / PROGRESS_NAME
@@ -181,8 +288,8 @@ def generate_dataset(parts: SDComponents, settings: DatasetSettings, out: Path, 
     if len(progress["done"]) == len(names):
         manifest = DatasetManifest(
             shards=[ShardEntry(**progress["done"][n]) for n in names],
-            resolution=int(table.inputs.shape[-1]),
-            skipped={},
+            resolution=int(parts.unet.config.sample_size * vae_scale_factor(parts.vae)),
+            skipped={"ood_rejected": sum(progress.get("rejected", {}).values())} if settings.ood_percentile else {},
             classes=table.classes,
         )
         manifest.write(out)

@@ -66,23 +66,37 @@ class NoiseAwareClassifier:
 
 @dataclass
 class OODScore:
-    """Min over classes of the Mahalanobis distance to the class mean, one shared covariance."""
+    """Min over classes of the Mahalanobis distance to the class mean, one shared covariance (Ledoit-Wolf shrunk:
+    a classifier's 128 features from a few hundred latents give a singular sample covariance)."""
 
     means: torch.Tensor  # (K, D)
     precision: torch.Tensor  # (D, D)
-    reference: np.ndarray  # the fitted latents' own scores
+    reference: np.ndarray  # real latents' scores under a fit that did not see them (what thresholds come from)
 
     @classmethod
-    def fit(cls, classifier: NoiseAwareClassifier, latents: torch.Tensor, labels: torch.Tensor) -> OODScore:
+    def fit(
+        cls, classifier: NoiseAwareClassifier, latents: torch.Tensor, labels: torch.Tensor, folds: int = 5
+    ) -> OODScore:
+        """Fitted on all of `latents`; `reference` holds each latent's score under the fit of the other folds, so a
+        percentile of it is what unseen real data scores (in-sample scores are far lower: a threshold taken from
+        them rejects most real images it was not fitted on)."""
         with torch.no_grad():
             features = torch.cat([classifier.features(x) for x in latents.split(256)]).double()
+        fold = torch.arange(len(features)) % folds
+        reference = torch.zeros(len(features), dtype=torch.float64)
+        for k in range(folds):
+            rest = fold != k
+            reference[~rest] = cls._of_stats(features[rest], labels[rest]).distance(features[~rest])
+        return cls._of_stats(features, labels, reference.numpy())
+
+    @classmethod
+    def _of_stats(cls, features: torch.Tensor, labels: torch.Tensor, reference: np.ndarray | None = None) -> OODScore:
+        from sklearn.covariance import LedoitWolf
+
         classes, of_class = torch.unique(labels, return_inverse=True)  # sorted labels; each sample's index in them
         means = torch.stack([features[of_class == k].mean(0) for k in range(len(classes))])
-        centred = features - means[of_class]
-        covariance = centred.T @ centred / len(features) + 1e-6 * torch.eye(features.shape[1], dtype=torch.float64)
-        score = cls(means, torch.linalg.inv(covariance), np.zeros(0))
-        score.reference = score.of_features(features)
-        return score
+        precision = LedoitWolf(assume_centered=True).fit((features - means[of_class]).numpy()).precision_
+        return cls(means, torch.from_numpy(precision), np.zeros(0) if reference is None else reference)
 
     def distance(self, features: torch.Tensor) -> torch.Tensor:
         """Differentiable: (N, D) features -> (N,) distances to the nearest class mean."""

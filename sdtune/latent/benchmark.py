@@ -44,8 +44,22 @@ AUGMENTATIONS: dict[str, tuple[Callable[[], list[LatentAugmentation]], bool]] = 
     "smote": (lambda: [SMOTE(oversample=2.0)], False),
     "synthetic_only": (lambda: [Compose([Interpolate(mode="spherical", copies=2), GaussianNoise(ratio=0.05)])], True),
 }
-# Rows from a generator's shards (`sdtune generate dataset`, --generated): name -> synthetic only
-GENERATED = {"generated": False, "generated_only": True}
+
+
+def generator_rows(generated: list[str] | str | None, option: str = "--generated") -> dict[str, str]:
+    """A generator's shards per row name: each NAME=PATH (a bare PATH is named `generated`) gives the rows NAME
+    (real + generated) and NAME_only (generated only); "{seed}" in a PATH is each benchmark seed's own set."""
+    entries = [generated] if isinstance(generated, str) else list(generated or [])
+    rows: dict[str, str] = {}
+    for entry in entries:
+        name, _, path = entry.partition("=")
+        if not name.isidentifier() or not path:  # a bare path (which may hold "=" further on)
+            name, path = "generated", entry
+        if {name, f"{name}_only"} & set(AUGMENTATIONS) or name in rows:
+            raise ValueError(f"benchmark {option}: {entry!r}: give NAME=PATH with a new name (a word, not an "
+                             "augmentation's) per generator")  # fmt: skip
+        rows[name], rows[f"{name}_only"] = path, path
+    return rows
 
 
 @dataclass(frozen=True)
@@ -106,8 +120,8 @@ def benchmark(
     max_train_per_class: int | None = 30,
     pixel_size: int = 32,
     val_fraction: float = 0.2,
-    generated: str | None = None,
-    generated_latents: str | None = None,
+    generated: list[str] | str | None = None,
+    generated_latents: list[str] | str | None = None,
     s3: S3Settings | None = None,
 ) -> list[dict]:
     """Train every classifier with every augmentation for every seed; write the tables.
@@ -125,15 +139,17 @@ def benchmark(
             matter); null keeps the whole training split. The held-out split is always complete.
         pixel_size: Side of the images the pixel classifiers see.
         val_fraction: Held-out fraction per class.
-        generated: A generator's image shards (`sdtune generate dataset`, made with the same
-            --max_train_per_class): adds the rows `generated` (real + generated) and `generated_only`.
+        generated: Generators' image shards (`sdtune generate dataset`, made with the same
+            --max_train_per_class), each NAME=PATH (a bare PATH is named `generated`): adds the rows NAME
+            (real + generated) and NAME_only. "{seed}" in a PATH takes each seed's own generated set.
         generated_latents: Those shards encoded by the VAE of --latents (data_tools encode_latents), for the
-            latent classifiers.
+            latent classifiers, with the same names.
         s3: Settings for s3:// shards (endpoint, retries), as in a training config's `s3:` section.
     """
-    if generated:
-        augmentations = (*augmentations, *(g for g in GENERATED if g not in augmentations))
-    known = {**AUGMENTATIONS, **(GENERATED if generated else {})}
+    made_images = generator_rows(generated)
+    made_latents = generator_rows(generated_latents, "--generated_latents")
+    augmentations = (*augmentations, *(g for g in made_images if g not in augmentations))
+    known = {**AUGMENTATIONS, **made_images}
     unknown = [c for c in classifiers if c not in CLASSIFIERS] + [a for a in augmentations if a not in known]
     if unknown:
         raise ValueError(f"benchmark: unknown classifier/augmentation {unknown}; see --help for the names")
@@ -141,17 +157,18 @@ def benchmark(
         raise ValueError("benchmark: give at least one seed and one step")
     if any(CLASSIFIERS[c].input == "pixels" for c in classifiers) and not images:
         raise ValueError("benchmark --images: pixel classifiers need the image shards the latents were made from")
-    if generated and any(CLASSIFIERS[c].input == "latents" for c in classifiers) and not generated_latents:
-        raise ValueError("benchmark --generated_latents: latent classifiers need the generated shards encoded "
-                         "(python -m data_tools encode_latents --source GENERATED --vae ...)")  # fmt: skip
+    missing = [g for g in made_images if g not in made_latents]
+    if missing and any(CLASSIFIERS[c].input == "latents" for c in classifiers):
+        raise ValueError(f"benchmark --generated_latents: latent classifiers need the generated shards of {missing} "
+                         "encoded (python -m data_tools encode_latents --source GENERATED --vae ...)")  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     storage = Storage(s3)
     rows = []
     for name in classifiers:
         entry = CLASSIFIERS[name]
         for augmentation in augmentations:
-            make_transforms, synthetic_only = AUGMENTATIONS.get(augmentation, (list, GENERATED.get(augmentation)))
-            made = (generated_latents if entry.input == "latents" else generated) if augmentation in GENERATED else None
+            make_transforms, synthetic_only = AUGMENTATIONS.get(augmentation, (list, augmentation.endswith("_only")))
+            made = (made_latents if entry.input == "latents" else made_images).get(augmentation)
             for seed in seeds:
                 data = ClassificationDataModule(
                     shards=latents if entry.input == "latents" else str(images),
@@ -160,7 +177,7 @@ def benchmark(
                     image_size=pixel_size if entry.input == "pixels" else None,
                     augment=make_transforms(),
                     synthetic_only=bool(synthetic_only),
-                    generated=made,
+                    generated=made.replace("{seed}", str(seed)) if made else None,
                     max_train_per_class=max_train_per_class,
                     seed=seed,
                 )

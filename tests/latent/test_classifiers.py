@@ -189,3 +189,29 @@ def test_a_killed_classifier_resumes_exactly(
     ):
         assert (resumed / name).read_bytes() == (reference / name).read_bytes(), name
     assert (resumed / "steps.jsonl").read_text() == (reference / "steps.jsonl").read_text()
+
+
+def test_benchmark_generator_rows_are_named_and_take_each_seeds_own_set(
+    digit_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    import shutil
+
+    from sdtune.latent.benchmark import generator_rows
+
+    assert generator_rows(["a/b", "guided=s3://x/y={seed}"]) == {
+        "generated": "a/b", "generated_only": "a/b", "guided": "s3://x/y={seed}", "guided_only": "s3://x/y={seed}"
+    }  # fmt: skip
+    for bad in (["slerp=a"], ["a", "b"], ["synthetic=a"]):
+        with pytest.raises(ValueError, match="--generated: .* give NAME=PATH"):
+            generator_rows(bad)
+    shards, latents = digit_data
+    shutil.copytree(shards, tmp_path / "made0")  # stands in for seed 0's generated set; seed 1 has none yet
+    run = dict(classifiers=("pixel_cnn",), augmentations=("none",), seeds=(0, 1), steps=2, max_train_per_class=4,
+               generated=[f"made={tmp_path / 'made{seed}'}"])  # fmt: skip
+    with pytest.raises(ValueError, match="made1"):
+        benchmark(str(latents), str(shards), out=tmp_path / "bench", **run)  # type: ignore[arg-type]
+    shutil.copytree(shards, tmp_path / "made1")
+    rows = benchmark(str(latents), str(shards), out=tmp_path / "bench", **run)  # type: ignore[arg-type]
+    assert [(r["augmentation"], r["seed"]) for r in rows] == [
+        ("none", 0), ("none", 1), ("made", 0), ("made", 1), ("made_only", 0), ("made_only", 1)
+    ]  # fmt: skip
