@@ -77,6 +77,7 @@ COMMANDS = {
 RAW = {
     "eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"}),
     "generate": Command("latent interpolation refined and guided by the UNet", {"": "sdtune.generate.cli:main"}),
+    "serve": Command("the web app and generation API on one model", {"": "sdtune.serve.cli:main"}),
 }
 LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}
 

@@ -5,10 +5,12 @@ generation for a pair of samples and a target.
         [--classifier runs/noise_aware_cnn/classifier --ood_fit data/digits/latents] [--benchmark BENCHMARK_JSON]
 
 Sections: the interpolation strip (naive decode, U-Net-refined, guided), the trajectory of the clean estimate,
-distance to the target and realism (the OOD score; and the checker's agreement with the target's class) against
-the strength and against the guidance scale, the samplers side by side (distance, OOD score, images/s), and the
-synthetic-training table of a latent benchmark run with generator rows. Every number comes with its settings: a
-tiny-pretrained run measures the loop, not SD.
+distance to the target and realism against the strength and against the guidance scale (the OOD score and the
+Frechet distance of the classifier's features to the real latents', with --classifier and --ood_fit; the
+discriminator's p(real), with --discriminator; the checker's agreement with the target's class), the samplers
+side by side (distance, OOD score, FD, p(real), images/s), and the synthetic-training table of a latent
+benchmark run with generator rows. Every number comes with its settings: a tiny-pretrained run measures the
+loop, not SD.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 
 from sdtune.eval.checker import Checker, checker_folder
 from sdtune.eval.features import CheckerFeatures
+from sdtune.eval.metrics import frechet_distance
 from sdtune.generate.guidance import METRICS, Metric, Target
 from sdtune.generate.inputs import add_model_options, add_sample_options, load_image, load_model
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
@@ -54,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="sampler steps")
     p.add_argument("--prompt", default="", help="the prompt the UNet is conditioned on")
     p.add_argument("--classifier", type=Path, default=None, help="noise-aware classifier (for the OOD score)")
-    p.add_argument("--ood_fit", default=None, help="latent shards to fit the OOD score on")
+    p.add_argument("--ood_fit", default=None, help="latent shards to fit the OOD score on (and the FD's reference)")
+    p.add_argument("--discriminator", type=Path, default=None, help="a real-vs-generated discriminator "
+                   "(sdtune generate discriminator): its mean p(real) is the realism curve")  # fmt: skip
     p.add_argument("--benchmark", type=Path, default=None, help="benchmark.json of a latent benchmark with "
                    "generator rows (the synthetic-training table)")  # fmt: skip
     return p
@@ -88,6 +93,13 @@ class _Study:
             self.classifier = NoiseAwareClassifier.load(options.classifier)
             table = read_table(options.ood_fit, "--ood_fit", Storage())
             self.ood = OODScore.fit(self.classifier, table.inputs.float(), table.labels)
+            with torch.no_grad():
+                self.real_features = self.classifier.features(table.inputs.float()).double().numpy()
+        self.discriminator: Any = None
+        if options.discriminator is not None:
+            from sdtune.generate.guided import NoiseAwareClassifier
+
+            self.discriminator = NoiseAwareClassifier.load(options.discriminator)
 
     def measure(self, strength: float, scale: float, scheduler: str = "ddim") -> dict[str, float]:
         settings = RefineSettings(strength, self.options.steps, scheduler, self.options.prompt, 1.0, scale)
@@ -103,11 +115,17 @@ class _Study:
         figures = {"distance": float(self.metric.distance(latents, self.target).mean()), "checker_agrees": float(same)}
         if self.ood is not None:
             figures["ood_score"] = float(np.mean(self.ood(self.classifier, latents)))
+            features = self.classifier.features(latents).double().numpy()
+            figures["fd"] = frechet_distance(features, self.real_features)
+        if self.discriminator is not None:
+            real = self.discriminator.label_of("real")
+            p_real = self.discriminator(latents, torch.zeros(len(latents))).softmax(1)[:, real]
+            figures["p_real"] = float(p_real.mean())
         return figures
 
 
 def _curve(rows: list[dict[str, Any]], x: str, title: str) -> bytes:
-    names = [k for k in ("distance", "ood_score", "checker_agrees") if k in rows[0]]
+    names = [k for k in ("distance", "ood_score", "fd", "p_real", "checker_agrees") if k in rows[0]]
     figure, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 2.8), squeeze=False)
     for axis, name in zip(axes[0], names, strict=True):
         axis.plot([r[x] for r in rows], [r[name] for r in rows], marker="o")
@@ -151,20 +169,24 @@ def report(options: argparse.Namespace) -> dict[str, Any]:
     record = {
         "settings": {"a": str(options.a), "b": str(options.b), "target": str(options.target), "model": options.model,
                      "metric": options.metric, "alphas": study.alphas, "seeds_per_alpha": options.seeds,
-                     "steps": options.steps, "prompt": options.prompt, "images_per_point": len(study.batch)},
+                     "steps": options.steps, "prompt": options.prompt, "images_per_point": len(study.batch),
+                     "discriminator": str(options.discriminator) if options.discriminator else None},
         "naive": study.score(study.mixed.repeat(options.seeds, 1, 1, 1)),
         "by_strength": by_strength, "by_guidance_scale": by_scale, "by_scheduler": by_scheduler,
     }  # fmt: skip
-    sched_rows = [["sampler", "distance", "ood score", "checker agrees", "images/s"]] + [
+    sched_rows = [["sampler", "distance", "ood score", "fd", "p(real)", "checker agrees", "images/s"]] + [
         [r["scheduler"], f"{r['distance']:.4f}", f"{r.get('ood_score', float('nan')):.2f}",
-         f"{r['checker_agrees']:.2f}", f"{r['images_per_s']:.2f}"] for r in by_scheduler
+         f"{r.get('fd', float('nan')):.1f}", f"{r.get('p_real', float('nan')):.2f}", f"{r['checker_agrees']:.2f}",
+         f"{r['images_per_s']:.2f}"] for r in by_scheduler
     ]  # fmt: skip
     s = record["settings"]
     meta = (f"{options.model}; metric {options.metric}; {s['images_per_point']} images per point ({len(study.alphas)} "
             f"alphas x {options.seeds} seeds); {options.steps} steps; prompt {options.prompt!r}. Realism: the OOD "
-            "score (Mahalanobis, lower is more like the fitted real latents) when a classifier is given; "
-            "'checker agrees': how often tiny-pretrained's checker sees the target's shape/colour/digit. No "
-            "discriminator is trained yet.")  # fmt: skip
+            "score (Mahalanobis, lower is more like the fitted real latents) and fd (Frechet distance of the "
+            "classifier's clean-latent features to all --ood_fit latents'; with this few images per point it is "
+            "biased upwards, compare points, not runs) when a classifier is given; p(real), the discriminator's "
+            "mean probability that the latents are real, when one is given; 'checker agrees': how often "
+            "tiny-pretrained's checker sees the target's shape/colour/digit.")  # fmt: skip
     parts_html = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>sdtune generate report</title>",
         f"<style>{STYLE}</style></head><body><h1>Guided generation</h1><p class='meta'>{html.escape(meta)}</p>",

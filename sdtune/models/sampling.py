@@ -29,8 +29,10 @@ def generate(
     num_inference_steps: int = 30,
     guidance_scale: float = 7.5,
     resolution: int = 512,
+    negative_prompts: list[str] | None = None,
 ) -> np.ndarray:
-    """One image per (prompt, seed) pair, prompts and seeds zipped: (N, H, W, 3) floats in [0, 1].
+    """One image per (prompt, seed) pair, prompts and seeds zipped: (N, H, W, 3) floats in [0, 1]. Negative
+    prompts (one per prompt) replace the empty prompt of classifier-free guidance; "" is the default.
 
     DDIM with classifier-free guidance, as the sample grids; each image's noise comes from its own seed, so an
     image does not depend on what else is in the batch. The UNet is put in eval mode and restored."""
@@ -49,6 +51,7 @@ def generate(
             width=resolution,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
+            negative_prompt=negative_prompts if negative_prompts and any(negative_prompts) else None,
             generator=generators,
             output_type="np",
         ).images

@@ -117,6 +117,20 @@ def test_a_discriminator_scores_realism_guides_towards_it_and_filters(
     for row in runs.values():
         assert row["realistic_enough"] == [p >= 0.5 for p in row["realism"]]
 
+    # The report's realism curves: the discriminator's p(real), the OOD score and the FD to the real latents.
+    a, b = sorted((latents.parent / "images" / "3").glob("*.png"))[:2]
+    target = sorted((latents.parent / "images" / "8").glob("*.png"))[0]
+    command = [sys.executable, "-m", "sdtune", "generate", "report", "--a", str(a), "--b", str(b), "--target",
+               str(target), "--alphas", "0,1", "--seeds", "1", "--steps", "6", "--classifier", str(classifier),
+               "--ood_fit", str(latents), "--discriminator", str(tmp_path / "disc" / "classifier"), "--out",
+               str(tmp_path / "report")]  # fmt: skip
+    result = subprocess.run(command, cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "report" / "report.json").read_text())
+    for row in record["by_strength"] + record["by_guidance_scale"] + record["by_scheduler"]:
+        assert 0 <= row["p_real"] <= 1 and row["fd"] > 0 and row["ood_score"] > 0, row
+    assert "p(real)" in (tmp_path / "report" / "report.html").read_text()
+
 
 def test_generate_dataset_guided_redraws_what_the_ood_filter_rejects_and_feeds_the_benchmark(
     noise_aware: tuple[Path, Path], tmp_path: Path

@@ -12,6 +12,8 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -59,9 +61,9 @@ class _Pipe:
         return json.loads(message)
 
 
-def inspect_page(page: Path, screenshot: Path, width: int = 1200, timeout: float = 90) -> dict:
-    """Load `page`; return its images (complete, natural size, src scheme), every URL it requested, failed
-    loads, and the document height; save a full-page PNG screenshot."""
+@contextmanager
+def chromium_session(width: int = 1200, mobile: bool = False) -> Iterator[tuple[_Pipe, str]]:
+    """A headless Chromium with one page target: (the DevTools pipe, the page's session id)."""
     chromium = find_chromium()
     assert chromium, "chromium is not installed"
     to_browser_read, to_browser_write = os.pipe()
@@ -92,32 +94,75 @@ def inspect_page(page: Path, screenshot: Path, width: int = 1200, timeout: float
             for domain in ("Page.enable", "Network.enable", "Runtime.enable"):
                 pipe.call(domain, session=session)
             pipe.call("Emulation.setDeviceMetricsOverride", session=session, width=width, height=900,
-                      deviceScaleFactor=1, mobile=False)  # fmt: skip
-            pipe.call("Page.navigate", session=session, url=page.resolve().as_uri())
-            pipe.wait_event("Page.loadEventFired", timeout)
-            images = pipe.call(
-                "Runtime.evaluate",
-                session=session,
-                returnByValue=True,
-                expression="Array.from(document.images).map(i => ({complete: i.complete, width: i.naturalWidth, "
-                "height: i.naturalHeight, scheme: i.src.split(':')[0]}))",
-            )["result"]["value"]
-            height = pipe.call(
-                "Runtime.evaluate", session=session, returnByValue=True, expression="document.body.scrollHeight"
-            )["result"]["value"]
-            shot = pipe.call("Page.captureScreenshot", session=session, format="png", captureBeyondViewport=True)
-            screenshot.write_bytes(base64.b64decode(shot["data"]))
-            requested = [
-                e["params"]["request"]["url"][:40]
-                for e in pipe.events
-                if e.get("method") == "Network.requestWillBeSent"
-            ]
-            failed = [e["params"] for e in pipe.events if e.get("method") == "Network.loadingFailed"]
+                      deviceScaleFactor=1, mobile=mobile)  # fmt: skip
+            yield pipe, session
             pipe.call("Browser.close")
         finally:
-            process.wait(timeout=30) if process.poll() is None else None
-            if process.poll() is None:
+            try:
+                process.wait(timeout=10)  # Browser.close was sent, unless the caller failed first
+            except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait(timeout=30)
             os.close(to_browser_write)
             os.close(from_browser_read)
+
+
+def evaluate(pipe: _Pipe, session: str, expression: str) -> object:
+    return pipe.call("Runtime.evaluate", session=session, returnByValue=True, expression=expression)["result"].get(
+        "value"
+    )
+
+
+def screenshot_to(pipe: _Pipe, session: str, path: Path) -> None:
+    shot = pipe.call("Page.captureScreenshot", session=session, format="png", captureBeyondViewport=True)
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
+def inspect_page(page: Path | str, screenshot: Path, width: int = 1200, timeout: float = 90) -> dict:
+    """Load `page` (a file or a URL); return its images (complete, natural size, src scheme), every URL it
+    requested, failed loads, and the document height; save a full-page PNG screenshot."""
+    url = page if isinstance(page, str) else page.resolve().as_uri()
+    with chromium_session(width) as (pipe, session):
+        pipe.call("Page.navigate", session=session, url=url)
+        pipe.wait_event("Page.loadEventFired", timeout)
+        images = evaluate(pipe, session, "Array.from(document.images).map(i => ({complete: i.complete, width: "
+                          "i.naturalWidth, height: i.naturalHeight, scheme: i.src.split(':')[0]}))")  # fmt: skip
+        height = evaluate(pipe, session, "document.body.scrollHeight")
+        screenshot_to(pipe, session, screenshot)
+        requested = [
+            e["params"]["request"]["url"][:40] for e in pipe.events if e.get("method") == "Network.requestWillBeSent"
+        ]
+        failed = [e["params"] for e in pipe.events if e.get("method") == "Network.loadingFailed"]
     return {"images": images, "requested": requested, "failed": failed, "height": height}
+
+
+def type_and_click(url: str, field: str, text: str, button: str, until: str, screenshot: Path, width: int = 1200,
+                   timeout: float = 120) -> dict:  # fmt: skip
+    """Open `url`, type `text` into the element with id `field` (real key input), click the element with id
+    `button` (a real mouse click at its centre), wait until the JS expression `until` is true; screenshot."""
+    with chromium_session(width, mobile=width < 600) as (pipe, session):
+        pipe.call("Page.navigate", session=session, url=url)
+        pipe.wait_event("Page.loadEventFired", timeout)
+        clear = f"(() => {{ const f = document.getElementById('{field}'); f.value = ''; f.focus(); }})()"
+        evaluate(pipe, session, clear)
+        pipe.call("Input.insertText", session=session, text=text)
+        box = evaluate(pipe, session, f"(() => {{ const r = document.getElementById('{button}')"
+                       ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")  # fmt: skip
+        assert isinstance(box, list)
+        for kind in ("mousePressed", "mouseReleased"):
+            pipe.call("Input.dispatchMouseEvent", session=session, type=kind, x=box[0], y=box[1], button="left",
+                      clickCount=1)  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not evaluate(pipe, session, until):
+            assert time.monotonic() < deadline, f"not true in {timeout} s: {until}"
+            time.sleep(0.2)
+        page = evaluate(pipe, session, "({images: Array.from(document.images).map(i => ({complete: i.complete, "
+                        "width: i.naturalWidth, alt: i.alt})), status: document.getElementById('status') ? "
+                        "document.getElementById('status').textContent : '', scrollWidth: "
+                        "document.documentElement.scrollWidth})")  # fmt: skip
+        screenshot_to(pipe, session, screenshot)
+        requested = [
+            e["params"]["request"]["url"][:60] for e in pipe.events if e.get("method") == "Network.requestWillBeSent"
+        ]
+    assert isinstance(page, dict)
+    return page | {"requested": requested}

@@ -1,0 +1,1 @@
+"""`sdtune serve`: the web app, the generation API with its batching queue, the hybrid split and metrics."""
