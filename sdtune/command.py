@@ -58,7 +58,10 @@ COMMANDS = {
         "dataset-size sweeps", _targets("sdtune.sweep", {"plan": "plan", "run": "run", "report": "report"})
     ),
     "slurm": Command("sbatch scripts from a config", {"render": "sdtune.slurm:render"}),
-    "bench": Command("training, overhead and data-pipeline throughput", {"": "sdtune.bench:main"}),
+    "bench": Command(
+        "training, overhead and data-pipeline throughput (bench serve: a load test of sdtune serve)",
+        {"": "sdtune.bench:main"},
+    ),
     "gpu-check": Command("the recipe table of a CUDA machine (--dry_run true: on CPU)", {"": "sdtune.gpu_check:main"}),
     "bench-remote": Command("S3/R2 loader and checkpoint publishing", {"": "sdtune.bench_remote:main"}),
     "tiny-model": Command(
@@ -78,6 +81,7 @@ RAW = {
     "eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"}),
     "generate": Command("latent interpolation refined and guided by the UNet", {"": "sdtune.generate.cli:main"}),
     "serve": Command("the web app and generation API on one model", {"": "sdtune.serve.cli:main"}),
+    "client": Command("hybrid client: encode and decode here, denoise on a server", {"": "sdtune.serve.client:main"}),
 }
 LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}
 
@@ -119,6 +123,11 @@ def run(name: str, args: list[str]) -> None:
         return
     if name in RAW:
         RAW[name].target("")(args)
+        return
+    if name == "bench" and args[:1] == ["serve"]:  # the load test has its own parser (and a server to start)
+        from sdtune.serve.load import main as bench_serve
+
+        bench_serve(args[1:])
         return
     command = COMMANDS[name]
     subcommand = "" if "" in command.targets else (args[0] if args else "")
