@@ -81,6 +81,7 @@ RAW = {
     "eval": Command("score checkpoints against each other and the base model", {"": "sdtune.eval.cli:main"}),
     "generate": Command("latent interpolation refined and guided by the UNet", {"": "sdtune.generate.cli:main"}),
     "serve": Command("the web app and generation API on one model", {"": "sdtune.serve.cli:main"}),
+    "export": Command("ONNX text encoder and VAE decoder (hybrid client)", {"": "sdtune.serve.onnx_export:main"}),
     "client": Command("hybrid client: encode and decode here, denoise on a server", {"": "sdtune.serve.client:main"}),
 }
 LIGHTNING = {"fit": "train a model", "validate": "validation loss of a model", "test": "test a model"}

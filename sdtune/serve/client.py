@@ -35,23 +35,43 @@ def pack(array: np.ndarray) -> str:
 
 
 class HybridClient:
-    def __init__(self, url: str, model: str = "tiny-pretrained", api_key: str | None = None, timeout: float = 600):
+    """With `onnx` (a folder from `sdtune export onnx`), the text encoder and the decoder run in onnxruntime."""
+
+    def __init__(self, url: str, model: str = "tiny-pretrained", api_key: str | None = None, timeout: float = 600,
+                 onnx: Path | None = None):  # fmt: skip
+        self.url, self.timeout, self.onnx = url.rstrip("/"), timeout, onnx
+        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        if onnx is not None:
+            import onnxruntime
+
+            if not (onnx / "onnx.json").is_file():
+                raise ValueError(f"client --onnx: {onnx} has no onnx.json (make it with sdtune export onnx)")
+            self.tokenizer = CLIPTokenizer.from_pretrained(onnx / "tokenizer")
+            self.sessions = {name: onnxruntime.InferenceSession(str(onnx / f"{name}.onnx"),
+                                                                providers=["CPUExecutionProvider"])
+                             for name in ("text_encoder", "vae_decoder")}  # fmt: skip
+            return
         folder = resolve_pretrained(model)
         self.tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
         self.text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True,
                                                           torch_dtype=torch.float32).eval()  # fmt: skip
         self.vae = load_vae(model).eval()
-        self.url, self.timeout = url.rstrip("/"), timeout
-        self.api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
 
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> np.ndarray:
+        if self.onnx is not None:
+            ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="np").input_ids.astype(np.int64)  # fmt: skip
+            return self.sessions["text_encoder"].run(None, {"input_ids": ids})[0]
         return encode_prompts(self.tokenizer, self.text_encoder, prompts, torch.device("cpu")).numpy()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
         """Latents (1, C, h, w) as the server sends them -> (H, W, 3) in [0, 1], as the pipeline's output."""
-        pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        if self.onnx is not None:
+            pixels = torch.from_numpy(self.sessions["vae_decoder"].run(None, {"latents": latents.numpy()})[0])
+        else:
+            pixels = self.vae.decode(latents / self.vae.config.scaling_factor).sample
         return ((pixels[0].permute(1, 2, 0).numpy() + 1) / 2).clip(0, 1)
 
     def generate(self, prompt: str, negative_prompt: str = "", seed: int = 0, steps: int = 25, guidance: float = 4.0,
@@ -78,8 +98,11 @@ def main(args: list[str]) -> None:
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--size", type=int, default=None, help="image side (default: the model's)")
     p.add_argument("--model", default="tiny-pretrained", help="the served model's base: its text encoder and VAE")
+    p.add_argument("--onnx", type=Path, default=None, help="run the text encoder and decoder from this `sdtune "
+                   "export onnx` folder in onnxruntime (instead of PyTorch)")  # fmt: skip
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     o = p.parse_args(args)
-    image = HybridClient(o.url, o.model).generate(o.prompt, o.negative_prompt, o.seed, o.steps, o.guidance, o.size)
+    client = HybridClient(o.url, o.model, onnx=o.onnx)
+    image = client.generate(o.prompt, o.negative_prompt, o.seed, o.steps, o.guidance, o.size)
     image.save(o.out)
     print(f"client: {o.out} ({image.width}x{image.height}; text encoded and latents decoded here)")

@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -114,6 +115,29 @@ def test_a_seed_gives_the_sample_grid_pipelines_bytes_and_the_hybrid_client_the_
     local = np.asarray(Image.open(out), dtype=np.float32) / 255
     served = np.asarray(Image.open(io.BytesIO(answer.content)), dtype=np.float32) / 255
     assert np.abs(local - served).max() <= 1 / 255, "hybrid image = server image, within 8-bit rounding"
+
+    # The same client on the ONNX export (onnxruntime, no torch in the client's two halves).
+    exported = subprocess.run([sys.executable, "-m", "sdtune", "export", "onnx", "--out", str(tmp_path / "onnx")],
+                              cwd=REPO, env=train_env(), capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    import onnxruntime
+
+    sessions = {name: onnxruntime.InferenceSession(str(tmp_path / "onnx" / f"{name}.onnx")) for name in
+                ("text_encoder", "vae_decoder")}  # fmt: skip
+    ids = parts.tokenizer([PROMPT, "", "a handwritten digit 7"], padding="max_length", return_tensors="pt").input_ids
+    latents = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        text = parts.text_encoder(ids)[0].numpy()
+        pixels = parts.vae.decode(latents / parts.vae.config.scaling_factor).sample.numpy()
+    assert np.abs(sessions["text_encoder"].run(None, {"input_ids": ids.numpy()})[0] - text).max() < 1e-4
+    assert np.abs(sessions["vae_decoder"].run(None, {"latents": latents.numpy()})[0] - pixels).max() < 1e-4
+    client = subprocess.run([sys.executable, "-m", "sdtune", "client", "--url", server.url, "--prompt", PROMPT,
+                             "--seed", "3", "--steps", "12", "--onnx", str(tmp_path / "onnx"), "--out",
+                             str(tmp_path / "onnx.png")], cwd=REPO, env=train_env(), capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert client.returncode == 0, client.stderr[-3000:]
+    via_onnx = np.asarray(Image.open(tmp_path / "onnx.png"), dtype=np.float32) / 255
+    assert np.abs(via_onnx - served).max() <= 2 / 255, "ONNX client image = server image, within 2 levels of 255"
 
 
 def test_metrics_parse_and_count_the_requests(server: Server) -> None:
