@@ -45,6 +45,19 @@ class GenerateRequest(BaseModel):
     format: Literal["png", "json"] = "png"
 
 
+class InterpolateRequest(BaseModel):
+    """Two prompts; `frames` images along the way between their embeddings, all from the same seed's noise."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt_a: str = Field(min_length=1, max_length=1000)
+    prompt_b: str = Field(min_length=1, max_length=1000)
+    frames: int = Field(default=5, ge=2)
+    seed: int = Field(default=0, ge=0, lt=2**31)
+    steps: int = Field(default=25, ge=1)
+    guidance: float = Field(default=4.0, ge=1.0, le=30.0)
+    size: int | None = Field(default=None, ge=8)
+
+
 class DenoiseRequest(BaseModel):
     """Prompt embeddings from the client's own text encoder: base64 of little-endian float32, (tokens, dim) each."""
 
@@ -93,10 +106,13 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None, runs: Path |
     rate = RateLimiter(limits.rate_per_minute)
 
     def run_batch(job: Job, items: list[Any]) -> list[Any]:
-        if job.kind == "latents":
+        if job.kind in ("latents", "embeds"):
             embeds = torch.stack([i[0] for i in items])
             negatives = torch.stack([i[1] for i in items])
-            return list(engine.denoise(job, embeds, negatives, [i[2] for i in items]))
+            seeds = [i[2] for i in items]
+            if job.kind == "latents":
+                return list(engine.denoise(job, embeds, negatives, seeds))
+            return [png_bytes(image) for image in engine.images_from_embeds(job, embeds, negatives, seeds)]
         images = engine.images(job, [i[0] for i in items], [i[1] for i in items], [i[2] for i in items])
         return [png_bytes(image) for image in images]
 
@@ -184,6 +200,23 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None, runs: Path |
             return Response(result[0], media_type="image/png", headers=headers)
         images = [base64.b64encode(png).decode() for png in result]
         return JSONResponse({"images": images, "seeds": seeds, "model": engine.label}, headers=headers)
+
+    @app.post("/v1/interpolate", response_model=None)
+    async def interpolate(body: InterpolateRequest) -> Response:
+        if body.frames > max(limits.max_images, 2) * 2:
+            return field_error("frames", f"at most {max(limits.max_images, 2) * 2}")
+        job = check_job(body.steps, body.size, body.guidance, "embeds")
+        if isinstance(job, JSONResponse):
+            return job
+        embeds, empty = await asyncio.get_running_loop().run_in_executor(
+            None, engine.interpolated_embeds, body.prompt_a, body.prompt_b, body.frames
+        )
+        result = await queued(job, [(e, empty, body.seed) for e in embeds])
+        if isinstance(result, JSONResponse):
+            return result
+        images = [base64.b64encode(png).decode() for png in result]
+        alphas = [round(i / (body.frames - 1), 4) for i in range(body.frames)]
+        return JSONResponse({"images": images, "alphas": alphas, "seed": body.seed, "model": engine.label})
 
     @app.post("/v1/denoise", response_model=None)
     async def denoise(body: DenoiseRequest) -> Response:

@@ -9,6 +9,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from diffusers import DDIMScheduler
 
 from sdtune.eval.render import unet_of
 from sdtune.eval.targets import resolve_targets
+from sdtune.generate.interpolate import mix
 from sdtune.models.components import (
     TINY_PRETRAINED,
     SDComponents,
@@ -82,17 +84,32 @@ class Engine:
         return encode_prompts(self.parts.tokenizer, self.parts.text_encoder, prompts, self.device).cpu()
 
     @torch.no_grad()
-    def denoise(self, job: Job, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Final latents (N, C, h, w), unscaled for the VAE decoder as the pipeline leaves them (divide by
-        nothing: the client decodes latents / vae.config.scaling_factor)."""
+    def _from_embeds(
+        self, job: Job, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int], output: str
+    ) -> Any:
         p = self.parts
         pipeline = build_pipeline(p.unet, p.vae, p.text_encoder, p.tokenizer,
                                   DDIMScheduler.from_config(p.noise_scheduler.config))  # fmt: skip
         pipeline.set_progress_bar_config(disable=True)
         generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
-        out = pipeline(
+        return pipeline(
             prompt_embeds=embeds.to(self.device), negative_prompt_embeds=negative.to(self.device),
             height=job.size, width=job.size, num_inference_steps=job.steps, guidance_scale=job.guidance,
-            generator=generators, output_type="latent",
-        )  # fmt: skip
-        return out.images.float().cpu()
+            generator=generators, output_type=output,
+        ).images  # fmt: skip
+
+    def denoise(self, job: Job, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Final latents (N, C, h, w) as the pipeline leaves them (scaled: the client decodes latents /
+        vae.config.scaling_factor)."""
+        return self._from_embeds(job, embeds, negative, seeds, "latent").float().cpu()
+
+    def images_from_embeds(self, job: Job, embeds: torch.Tensor, negative: torch.Tensor, seeds: list[int]) -> Any:
+        """(N, H, W, 3) in [0, 1] from prompt embeddings (an interpolation between two prompts)."""
+        return np.asarray(self._from_embeds(job, embeds, negative, seeds, "np"), dtype=np.float32)
+
+    def interpolated_embeds(self, prompt_a: str, prompt_b: str, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(frames, 77, D) prompt embeddings from prompt_a to prompt_b (slerp, sdtune.generate.interpolate.mix), and
+        the empty prompt's for classifier-free guidance."""
+        a, b, empty = self.embed([prompt_a, prompt_b, ""])
+        alphas = [i / (frames - 1) for i in range(frames)]
+        return mix(a, b, alphas).view(frames, *a.shape), empty

@@ -21,6 +21,7 @@ input,textarea,button{font:inherit;width:100%;box-sizing:border-box;padding:.5em
 button{margin-top:.8em;background:#2a5db0;color:#fff;border:0;border-radius:4px}
 .row{display:flex;gap:.5em} .row>div{flex:1} #images{display:flex;flex-wrap:wrap;gap:8px;margin-top:1em}
 #images img{width:calc(50% - 4px);max-width:256px;image-rendering:pixelated;border:1px solid #ccc}
+#strip img{width:64px;margin-right:4px;image-rendering:pixelated} #slider{width:100%;margin-top:1em}
 #status{font-size:.9em;color:#555;min-height:1.2em} img.grid{max-width:100%} .meta{color:#555;font-size:.9em}
 table{border-collapse:collapse} td,th{border-bottom:1px solid #ddd;padding:.2em .6em;text-align:left}
 """
@@ -56,12 +57,35 @@ form.addEventListener('submit', async (event) => {
 """
 
 
+INTERPOLATE_SCRIPT = """
+document.getElementById('form').addEventListener('submit', async (event) => {
+  event.preventDefault();
+  const get = (id) => document.getElementById(id).value, status = document.getElementById('status');
+  const headers = {'Content-Type': 'application/json'};
+  if (get('key')) headers['Authorization'] = 'Bearer ' + get('key');
+  const body = {prompt_a: get('a'), prompt_b: get('b'), seed: parseInt(get('seed')) || 0,
+                frames: parseInt(get('frames')) || 5, steps: parseInt(get('steps')) || 25};
+  status.textContent = 'generating ' + body.frames + ' frames...';
+  const answer = await fetch('/v1/interpolate', {method: 'POST', headers, body: JSON.stringify(body)});
+  const data = await answer.json();
+  if (!answer.ok) { status.textContent = 'error ' + answer.status + ': ' + JSON.stringify(data.detail); return; }
+  const frames = data.images.map((b64, i) => ({src: 'data:image/png;base64,' + b64, alpha: data.alphas[i]}));
+  const slider = document.getElementById('slider'), shown = document.getElementById('frame');
+  const show = () => { const f = frames[slider.value]; shown.src = f.src;
+                       shown.alt = 'alpha ' + f.alpha; status.textContent = 'alpha ' + f.alpha; };
+  slider.max = frames.length - 1; slider.value = 0; slider.disabled = false; slider.oninput = show; show();
+  document.getElementById('strip').innerHTML = frames.map((f) => '<img src="' + f.src + '" alt="alpha ' +
+    f.alpha + '">').join('');
+});
+"""
+
+
 def _page(title: str, body: str, script: str = "") -> HTMLResponse:
     text = (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
-        "<nav><a href='/'>prompt</a><a href='/runs'>runs</a></nav>"
+        "<nav><a href='/'>prompt</a><a href='/interpolate'>interpolate</a><a href='/runs'>runs</a></nav>"
         f"{body}{f'<script>{script}</script>' if script else ''}</body></html>"
     )
     return HTMLResponse(text)
@@ -124,6 +148,24 @@ def add_pages(app: FastAPI, engine: Engine, runs_root: Path | None, needs_key: b
             "<button id='go' type='submit'>generate</button></form><div id='status'></div><div id='images'></div>"
         )
         return _page("sdtune", body, PROMPT_SCRIPT)
+
+    @app.get("/interpolate", response_class=HTMLResponse)
+    async def interpolate_page() -> HTMLResponse:
+        key = "<label for='key'>API key</label><input id='key' type='password'>" if needs_key else (
+            "<input id='key' type='hidden' value=''>")  # fmt: skip
+        body = (
+            "<h1>interpolate between two prompts</h1><p class='meta'>The same seed's noise for every frame; the "
+            "prompt embeddings move from A to B (slerp).</p><form id='form'>"
+            "<label for='a'>prompt A</label><input id='a' value='a photo of a large red circle on a blue background'>"
+            "<label for='b'>prompt B</label><input id='b' value='a photo of a large yellow square on a blue "
+            "background'><div class='row'><div><label for='seed'>seed</label><input id='seed' type='number' "
+            "value='0' min='0'></div><div><label for='frames'>frames</label><input id='frames' type='number' "
+            "value='5' min='2' max='8'></div><div><label for='steps'>steps</label><input id='steps' type='number' "
+            f"value='25' min='1'></div></div>{key}<button id='go' type='submit'>interpolate</button></form>"
+            "<div id='status'></div><input id='slider' type='range' min='0' max='0' value='0' disabled "
+            "aria-label='interpolation'><div id='images'><img id='frame' alt=''></div><div id='strip'></div>"
+        )
+        return _page("interpolate", body, INTERPOLATE_SCRIPT)
 
     @app.get("/runs", response_class=HTMLResponse)
     async def runs_page() -> HTMLResponse:

@@ -140,6 +140,21 @@ def test_a_seed_gives_the_sample_grid_pipelines_bytes_and_the_hybrid_client_the_
     assert np.abs(via_onnx - served).max() <= 2 / 255, "ONNX client image = server image, within 2 levels of 255"
 
 
+def test_interpolation_frames_run_from_prompt_a_to_prompt_b(server: Server) -> None:
+    other = "a photo of a large yellow square on a green background"
+    body = {"prompt_a": PROMPT, "prompt_b": other, "frames": 3, "seed": 5, "steps": 8}
+    frames = server.post("/v1/interpolate", body).json()
+    assert frames["alphas"] == [0.0, 0.5, 1.0] and len(frames["images"]) == 3
+
+    def pixels(png: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / 255
+
+    ends = [server.post("/v1/generate", {"prompt": p, "seed": 5, "steps": 8}).content for p in (PROMPT, other)]
+    first, middle, last = (pixels(base64.b64decode(b)) for b in frames["images"])
+    assert np.abs(first - pixels(ends[0])).max() <= 2 / 255 and np.abs(last - pixels(ends[1])).max() <= 2 / 255
+    assert np.abs(middle - first).mean() > 0.01 and np.abs(middle - last).mean() > 0.01, "the middle is neither end"
+
+
 def test_metrics_parse_and_count_the_requests(server: Server) -> None:
     def counts() -> dict[tuple[str, str], float]:
         text = httpx.get(server.url + "/metrics", timeout=10).text
@@ -206,6 +221,10 @@ def test_the_prompt_page_and_the_runs_page_in_chromium(server: Server, quickstar
         pytest.skip("chromium not installed (make test installs Debian's chromium)")
     seen = inspect_page(server.url + "/runs/quickstart", tmp_path / "runs.png")
     assert len(seen["images"]) == 3 and all(i["complete"] and i["width"] > 100 for i in seen["images"]), seen
+    done = type_and_click(server.url + "/interpolate", "b", "a photo of a large pink square on a black background",
+                          "go", "document.querySelectorAll('#strip img').length == 5", tmp_path / "interpolate.png",
+                          width=390)  # fmt: skip
+    assert all(i["complete"] and i["width"] == 64 for i in done["images"]) and len(done["images"]) == 6, done
     for width in (390, 1200):  # a phone, a desktop
         done = type_and_click(server.url + "/", "prompt", "a photo of a large pink square on a black background",
                               "go", "document.querySelectorAll('#images img').length == 4",
