@@ -264,11 +264,18 @@ def test_keys_off_loopback_and_a_graceful_sigterm(quickstart_run: Path) -> None:
             os.kill(keyed.process.pid, signal.SIGKILL)
 
 
-def test_limits_refuse_bad_options() -> None:
+def test_limits_refuse_bad_options_and_a_client_over_its_rate_gets_429() -> None:
     from sdtune.serve.limits import Limits
 
     with pytest.raises(ValueError, match="--max_batch"):
         Limits(max_batch=0)
+    limited = Server(Path("tiny-pretrained"), "--rate_per_minute", "2")  # a base model: no run needed
+    try:
+        answers = [limited.post("/v1/generate", {"prompt": PROMPT, "steps": 1}) for _ in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 429], [a.text for a in answers]
+        assert int(answers[2].headers["retry-after"]) >= 1
+    finally:
+        assert limited.stop() == 0
 
 
 def test_the_load_test_with_batching_on_and_off_loses_nothing_and_matches_metrics(
