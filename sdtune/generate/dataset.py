@@ -3,7 +3,7 @@ classifier-guided text-to-image with an out-of-distribution filter.
 
     sdtune generate dataset --source data/digits/shards --out data/digits/generated --per_class 50 \\
         --prompt_template "a handwritten digit {label}" --strength 0.5
-    sdtune generate dataset --method guided --classifier runs/noise_aware_cnn/classifier --classifier_scale 0.3 \\
+    sdtune generate dataset --method guided --classifier runs/noise_aware_cnn/classifier --classifier_scale 1.0 \\
         --ood_percentile 95 --source data/digits/latents --out data/digits/guided --per_class 50 \\
         --prompt_template "a handwritten digit {label}" --cfg_scale 3
 
