@@ -113,8 +113,8 @@ class ClassifierPull:
     p(label | x_t, t). `normalised` (the default): x0 moves `scale` x (1 - p) (RMS per latent element) along g's
     direction, a step whose size does not depend on how steep the classifier is and that fades once the classifier
     is satisfied (on tiny-pretrained's digits scale ~1 works, 2 breaks the images). Otherwise the paper's form: the
-    noise estimate moves by -sqrt(1 - ab) * scale * g, i.e. x0 by (1 - ab) / sqrt(ab) * scale * g. Skipped where ab < `min_alpha_bar` (a zero-terminal-SNR schedule's
-    pure-noise end, where a classifier sees only noise)."""
+    noise estimate moves by -sqrt(1 - ab) * scale * g, i.e. x0 by (1 - ab) / sqrt(ab) * scale * g. Skipped where
+    ab < `min_alpha_bar` (a zero-terminal-SNR schedule's pure-noise end, where a classifier sees only noise)."""
 
     classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, timesteps) -> logits
     labels: torch.Tensor  # (N,)
