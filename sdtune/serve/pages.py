@@ -129,11 +129,11 @@ def loss_points(run: Path) -> list[tuple[int, float]]:
 
 def add_pages(app: FastAPI, engine: Engine, runs_root: Path | None, needs_key: bool) -> None:
     root = runs_root or Path("runs")
+    key = "<label for='key'>API key</label><input id='key' type='password'>" if needs_key else (
+        "<input id='key' type='hidden' value=''>")  # fmt: skip  # the pages' scripts send it as a Bearer token
 
     @app.get("/", response_class=HTMLResponse)
     async def prompt_page() -> HTMLResponse:
-        key = "<label for='key'>API key</label><input id='key' type='password'>" if needs_key else (
-            "<input id='key' type='hidden' value=''>")  # fmt: skip
         body = (
             f"<h1>sdtune: try the model</h1><p class='meta'>{html.escape(engine.label)}; "
             f"{engine.native_size} px</p><form id='form'>"
@@ -151,8 +151,6 @@ def add_pages(app: FastAPI, engine: Engine, runs_root: Path | None, needs_key: b
 
     @app.get("/interpolate", response_class=HTMLResponse)
     async def interpolate_page() -> HTMLResponse:
-        key = "<label for='key'>API key</label><input id='key' type='password'>" if needs_key else (
-            "<input id='key' type='hidden' value=''>")  # fmt: skip
         body = (
             "<h1>interpolate between two prompts</h1><p class='meta'>The same seed's noise for every frame; the "
             "prompt embeddings move from A to B (slerp).</p><form id='form'>"
