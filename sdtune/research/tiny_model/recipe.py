@@ -89,7 +89,7 @@ def _split_digits(work: Path, per_class: int | None) -> dict[str, Any]:
     return counts
 
 
-def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: int) -> dict[str, Any]:
+def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: int, jitter: float) -> dict[str, Any]:
     pretrain = work / "data" / "pretrain"
     for leftover in (work / "data", work / "shards"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -101,7 +101,9 @@ def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: 
         colors=list(BASE_COLORS),
         sizes=list(SIZES),
         exclude=list(HELD_OUT_PAIRS),
+        jitter=jitter,
     )
+    # The held-out shapes (the VAE's figures) and the VAE's pink shapes go anywhere they fit: the codec is general.
     synth(work / "data" / "heldout" / "shapes", num_images=300, seed=seed + 1, shapes=list(SHAPES), sizes=list(SIZES))
     # The VAE is a general image codec (SD's saw every colour): it also learns pink, which the UNet never sees.
     # Trained without it, it decoded pink (255, 120, 200) as a pale (212, 184, 203), and no fine-tune of the
@@ -113,6 +115,7 @@ def build_data(work: Path, num_shapes: int, digits_per_class: int | None, seed: 
     manifest = make_shards(str(pretrain), work / "shards", resolution=64, samples_per_shard=256)
     return {
         "shapes": num_shapes,
+        "jitter": jitter,
         "vae_only_pink_shapes": vae_only,
         "digits": digit_counts,
         "shards": len(manifest.shards),
@@ -258,9 +261,10 @@ def tiny_model(
     out: Path | None = None,
     work: Path = Path("runs/tiny_model"),
     num_shapes: int = 5000,
+    shape_jitter: float = 0.15,
     digits_per_class: int | None = None,
     vae_steps: int = 3000,
-    unet_epochs: int = 12,
+    unet_epochs: int = 14,
     unet_config: Path = Path("configs/tiny_model/unet.yaml"),
     checker_config: Path = Path("configs/tiny_model/checker.yaml"),
     checker_images: int = 3000,
@@ -274,6 +278,7 @@ def tiny_model(
         out: The model folder written (default: `sdtune/models/tiny_pretrained`, the one that ships).
         work: Working folder: data, shards, latents, training runs, stage records (resumable).
         num_shapes: Synthetic shape images for pretraining.
+        shape_jitter: How far a pretraining shape's centre may move (`synth --jitter`: 0 centred, 1 anywhere).
         digits_per_class: Keep at most this many of the pretraining digits per class (default: all of 0-1599).
         vae_steps: VAE optimizer steps (batch 16, 32x32 crops).
         unet_epochs: UNet epochs over the latent shards (batch 32).
@@ -292,7 +297,7 @@ def tiny_model(
             )
     started = time.monotonic()
     record: dict[str, Any] = {}
-    record["data"] = _stage(work, "data", lambda: build_data(work, num_shapes, digits_per_class, seed))
+    record["data"] = _stage(work, "data", lambda: build_data(work, num_shapes, digits_per_class, seed, shape_jitter))
     record["vae"] = _stage(work, "vae", lambda: build_vae(work, vae_steps, seed))
     record["init"] = _stage(work, "init", lambda: build_init(work, seed))
     record["latents"] = _stage(
@@ -309,6 +314,7 @@ def tiny_model(
     record["assemble"] = _stage(work, "assemble", lambda: assemble(work, out, Path(record["unet"]["checkpoint"])))
     settings = {
         "num_shapes": num_shapes,
+        "shape_jitter": shape_jitter,
         "digits_per_class": digits_per_class,
         "vae_steps": vae_steps,
         "unet_epochs": unet_epochs,
