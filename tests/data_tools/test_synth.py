@@ -3,6 +3,7 @@ quickstart use (more shapes and sizes, pink, held-out pairs, class folders by an
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -48,6 +49,29 @@ def test_extended_options_pink_pairs_held_out_and_class_folders(tmp_path: Path) 
     assert (np.abs(image.reshape(-1, 3) - COLORS["pink"]).sum(axis=1) == 0).any()
 
 
+def _centre_of_shape(path: Path) -> np.ndarray:
+    """The centre of the pixels that differ from the corner's (background) colour."""
+    image = np.asarray(Image.open(path)).astype(int)
+    ys, xs = np.nonzero(np.abs(image - image[0, 0]).sum(axis=-1) > 0)
+    return np.array([(ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2])
+
+
+def test_jitter_bounds_how_far_the_shape_moves_from_the_centre(tmp_path: Path) -> None:
+    offsets = {}
+    for jitter in (0.0, 0.15, 1.0):
+        folder = synth(tmp_path / str(jitter), num_images=40, seed=5, sizes=["small"], jitter=jitter)
+        offsets[jitter] = np.abs(np.stack([_centre_of_shape(p) for p in sorted(folder.glob("*.png"))]) - 31.5)
+    room = (64 - 0.3 * 64) / 2  # a small shape's room on either side of the centre
+    assert offsets[0.0].max() <= 1.0  # centred, within a pixel of rasterisation
+    assert offsets[0.15].max() <= 0.15 * room + 1.0 and offsets[0.15].max() > 0.5
+    assert offsets[1.0].max() > 0.5 * room  # anywhere the shape fits
+    # jitter 1 (the default) draws the pixels the generator drew before the option existed (digest taken then).
+    digest = hashlib.sha256()
+    for path in sorted((tmp_path / "1.0").glob("*.png")):
+        digest.update(np.asarray(Image.open(path).convert("RGB")).tobytes())
+    assert digest.hexdigest() == "94bf1988e88575b6f5aa6418b1d10679e9de7b34950f54d3fbdcf4a153b2b0e4"
+
+
 def test_bad_options_name_themselves_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--colors", "[magenta]"]) == 2
     assert "synth --colors: ['magenta'] not among" in capsys.readouterr().err
@@ -56,3 +80,5 @@ def test_bad_options_name_themselves_in_one_line(tmp_path: Path, capsys: pytest.
     args = ["data", "synth", "--out", str(tmp_path / "x"), "--shapes", "[circle]", "--colors", "[red]"]
     assert main([*args, "--exclude", "[circle:red]"]) == 2
     assert "every (shape, colour) pair of the options is excluded" in capsys.readouterr().err
+    assert main(["data", "synth", "--out", str(tmp_path / "x"), "--jitter", "1.5"]) == 2
+    assert "synth --jitter: 1.5 is not between 0" in capsys.readouterr().err
