@@ -30,7 +30,7 @@ from sdtune.generate.inputs import add_model_options, add_sample_options, load_i
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.generate.schedulers import SCHEDULERS
 from sdtune.models.components import TINY_PRETRAINED, vae_scale_factor
-from sdtune.models.sampling import labelled_grid, to_pil
+from sdtune.models.sampling import encode_image, labelled_grid
 
 
 def parser() -> argparse.ArgumentParser:
@@ -55,10 +55,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i's noise seed is seed + i")
     p.add_argument("--checker", default=TINY_PRETRAINED, help="checker for the report ('none' to skip)")
     return p
-
-
-def _png(image: np.ndarray, path: Path) -> None:
-    to_pil(image).save(path)
 
 
 def run(options: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +119,7 @@ def run(options: argparse.Namespace) -> dict[str, Any]:
                 k: [checker.heads[k].classes[int(i)] for i in v.argmax(1)] for k, v in predicted.items()
             }
         for i, image in enumerate(images[name]):
-            _png(image, options.out / f"row{row}-alpha{i}.png")
+            (options.out / f"row{row}-alpha{i}.png").write_bytes(encode_image(image))
         record["rows"][name] = entry
     (options.out / "result.json").write_text(json.dumps(record, indent=2) + "\n")
     return record

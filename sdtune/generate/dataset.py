@@ -31,7 +31,6 @@ read the result. Tar headers carry a fixed mtime: a rerun writes identical bytes
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
@@ -50,7 +49,7 @@ from sdtune.generate.guidance import ClassifierPull
 from sdtune.generate.guided import NoiseAwareClassifier, OODScore
 from sdtune.generate.interpolate import RefineSettings, encode, mix, refine, to_images
 from sdtune.models.components import SDComponents, vae_scale_factor
-from sdtune.models.sampling import to_pil
+from sdtune.models.sampling import encode_image
 from sdtune.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -142,12 +141,6 @@ def plan_samples(
     return planned
 
 
-def _jpeg(image: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 class _ShardMaker:
     def __init__(self, parts: SDComponents, table: Any, train: list[int], settings: DatasetSettings) -> None:
         self.parts, self.table, self.settings = parts, table, settings
@@ -235,9 +228,10 @@ class _ShardMaker:
                     "method": s.method, "class": table.classes[planned.label], "steps": s.steps,
                     "scheduler": s.scheduler, "cfg_scale": s.cfg_scale, "prompt": prompt, "model": s.model, **more,
                 }  # fmt: skip
+                jpeg = encode_image(image, "JPEG", quality=s.jpeg_quality)
                 writer.write({
-                    "__key__": planned.key, "jpg": _jpeg(image, s.jpeg_quality), "cls": str(planned.label).encode(),
-                    "txt": prompt.encode(), "json": json.dumps(provenance, sort_keys=True).encode(),
+                    "__key__": planned.key, "jpg": jpeg, "cls": str(planned.label).encode(), "txt": prompt.encode(),
+                    "json": json.dumps(provenance, sort_keys=True).encode(),
                 })  # fmt: skip
                 written += 1
         return written

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+from typing import Any
+
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -72,6 +75,14 @@ def _fit_text(draw: ImageDraw.ImageDraw, text: str, width: int, font: ImageFont.
 def to_pil(image: np.ndarray) -> Image.Image:
     """(H, W, 3) floats in [0, 1] -> an 8-bit RGB image (rounded, clipped)."""
     return Image.fromarray((np.asarray(image) * 255).round().clip(0, 255).astype(np.uint8))
+
+
+def encode_image(image: np.ndarray, format: str = "PNG", **options: Any) -> bytes:
+    """(H, W, 3) floats in [0, 1] -> the bytes of an 8-bit image file in `format` (PIL's name: PNG, JPEG),
+    with PIL's save `options` (JPEG's `quality`)."""
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format=format, **options)
+    return buffer.getvalue()
 
 
 def make_grid(images: np.ndarray, num_rows: int) -> Image.Image:

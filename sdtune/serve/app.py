@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hmac
-import io
 import logging
 import time
 from collections import defaultdict, deque
@@ -23,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdtune.models.sampling import to_pil
+from sdtune.models.sampling import encode_image
 from sdtune.serve.engine import Engine, Job
 from sdtune.serve.limits import Limits
 from sdtune.serve.metrics import ServeMetrics
@@ -76,12 +75,6 @@ def field_error(field: str, message: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 class RateLimiter:
     """At most `per_minute` requests per identity in any 60 s window."""
 
@@ -112,9 +105,9 @@ def create_app(engine: Engine, limits: Limits, api_key: str | None, runs: Path |
             seeds = [i[2] for i in items]
             if job.kind == "latents":
                 return list(engine.denoise(job, embeds, negatives, seeds))
-            return [png_bytes(image) for image in engine.images_from_embeds(job, embeds, negatives, seeds)]
+            return [encode_image(image) for image in engine.images_from_embeds(job, embeds, negatives, seeds)]
         images = engine.images(job, [i[0] for i in items], [i[1] for i in items], [i[2] for i in items])
-        return [png_bytes(image) for image in images]
+        return [encode_image(image) for image in images]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

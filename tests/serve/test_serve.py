@@ -27,8 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sdtune.eval.render import unet_of
 from sdtune.eval.targets import resolve_targets
 from sdtune.models.components import load_components
-from sdtune.models.sampling import generate
-from sdtune.serve.app import png_bytes
+from sdtune.models.sampling import encode_image, generate
 from sdtune.storage import Storage
 from tests.helpers.browser import find_chromium, inspect_page, type_and_click
 from tests.helpers.ports import free_port
@@ -101,7 +100,7 @@ def test_a_seed_gives_the_sample_grid_pipelines_bytes_and_the_hybrid_client_the_
     parts.unet = unet_of(target, parts)
     expected = generate(parts.unet, parts.vae, parts.text_encoder, parts.tokenizer, dict(parts.noise_scheduler.config),
                         [PROMPT], [3], 12, 4.0, 64)  # fmt: skip
-    assert answer.content == png_bytes(expected[0]), "the grids' pipeline, same seed: same PNG bytes"
+    assert answer.content == encode_image(expected[0]), "the grids' pipeline, same seed: same PNG bytes"
     several = server.post("/v1/generate", {"prompt": PROMPT, "seed": 3, "steps": 12, "num_images": 2, "format": "json"})
     images = several.json()["images"]
     assert several.json()["seeds"] == [3, 4] and base64.b64decode(images[0]) == answer.content
