@@ -23,7 +23,7 @@ setup: $(BIN)/.installed
 
 $(QS)/shards/manifest.json: | setup
 	$(BIN)/python -m data_tools synth --out $(QS)/images --num_images 64 --size 64 --colors '[pink]' \
-	  --shapes '[circle,square,triangle,diamond,cross]' --sizes '[small,medium,large]'
+	  --shapes '[circle,square,triangle,diamond,cross]' --sizes '[small,medium,large]' --jitter 0.15
 	$(BIN)/python -m data_tools make_shards --source $(QS)/images --out $(QS)/shards --resolution 64 --samples_per_shard 16
 
 quickstart: setup $(QS)/shards/manifest.json

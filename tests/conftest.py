@@ -78,6 +78,7 @@ def pink_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
         colors=["pink"],
         shapes=shapes,
         sizes=["small", "medium", "large"],
+        jitter=0.15,
     )
     make_shards(root / "images", root / "shards", resolution=64, samples_per_shard=16)
     return root / "shards"

@@ -78,12 +78,12 @@ def test_quickstart_fine_tunes_tiny_pretrained_on_pink_with_checker_scores_grids
     assert list((run_dir / "wandb").glob("offline-run-*")), "wandb offline run folder"
 
     # The checker judged pink before (the base model never saw it) and after the fine-tune, on the same
-    # prompts and seeds: the fine-tune teaches it (0.00 -> 0.60 with `make quickstart`; the floor leaves room
-    # for another CPU's rounding).
+    # prompts and seeds: the fine-tune teaches it (0.00 -> 0.85 with `make quickstart`; the floor is the issue's
+    # 50%, which leaves room for another CPU's rounding).
     score = json.loads((run_dir / "checker_score.json").read_text())
     assert score["before"]["step"] == 0 and score["after"]["step"] == epochs * steps_per_epoch
     assert score["before"]["count"] == score["after"]["count"] == 20 and score["before"]["color"] <= 0.2, score
-    assert score["after"]["color"] >= 0.4, score
+    assert score["after"]["color"] >= 0.5, score
     assert "checker score (20 images: 5 prompts x 4 seeds): before training" in result.stdout
 
     # The exported unet/ loads with plain diffusers and matches the weights the training state holds.

@@ -107,13 +107,15 @@ def test_checker_recognises_real_images_and_reads_prompts() -> None:
     assert wrong["all"] < 0.5
 
 
-def test_the_shipped_model_follows_colour_and_digit_words_above_chance() -> None:
-    """A floor under the card's text-to-image figures, so weights that ignore the prompt (as the first shipped
-    UNet did: colour 0.05 on held-out pairs, under the 0.11 of chance) cannot ship again. Shape words are not
-    followed yet (the card and the README say so), so shapes have no floor here; the target of 0.8 is not met."""
+def test_the_shipped_model_follows_shape_colour_and_digit_words_above_chance() -> None:
+    """A floor under the card's text-to-image figures, so weights that ignore the prompt cannot ship again: the
+    first shipped UNet gave colour 0.05 on held-out pairs (chance 0.11), the second shape 0.05 (chance 0.2).
+    The issue's target for held-out pairs is 0.8; the shipped weights give 0.75 (diamonds come out as crosses
+    or circles), so the floor here is 3x chance, not the target."""
     results, chance = FIGURES["results"]["text_to_image"], FIGURES["results"]["chance"]
     for prompts in ("held_out_pairs", "seen_pairs"):
         assert results[prompts]["color"] >= 5 * chance["color"], (prompts, results[prompts])
+        assert results[prompts]["shape"] >= 3 * chance["shape"], (prompts, results[prompts])
     assert results["digits"]["digit"] >= 5 * chance["digit"], results["digits"]
     assert results["new_concept"]["color"] <= 2 * chance["color"]  # pink: never seen by the UNet
 
