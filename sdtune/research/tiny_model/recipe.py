@@ -38,6 +38,7 @@ from data_tools.make_shards import make_shards
 from data_tools.synth import BASE_COLORS, COLORS, SHAPES, SIZES, synth
 from sdtune.checkpoint.layout import find_latest_checkpoint
 from sdtune.eval.checker import ATTRIBUTES
+from sdtune.fileio import sha256_file
 from sdtune.models import tiny
 from sdtune.models.components import SDComponents, build_pipeline, load_components, tiny_pretrained_folder
 from sdtune.research.tiny_model import figures
@@ -52,19 +53,39 @@ HELD_OUT_DIGITS_FROM = 1600  # sklearn's digits with this index or higher are in
 VAE_ONLY = Path("data") / "vae_only"  # under the work folder: images only the VAE trains on
 
 
-def _stage(work: Path, name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run a stage unless its record exists; record what it returns (with its wall time)."""
+def _stage(
+    work: Path, name: str, inputs: dict[str, Any], run: Callable[[], dict[str, Any]], redo_on_change: bool = False
+) -> dict[str, Any]:
+    """Run a stage unless its record exists; record what it returns (with its wall time) and the `inputs` it ran
+    with. A record made with other inputs is refused (its outputs, and every later stage's, are of another
+    recipe), or, for a cheap stage that only repackages earlier ones (`redo_on_change`), run again."""
     record = work / "stages" / f"{name}.json"
     if record.is_file():
-        log.info("tiny-model: stage %s done before (%s)", name, record)
-        return json.loads(record.read_text())
+        done = json.loads(record.read_text())
+        if done.get("inputs") == inputs:
+            log.info("tiny-model: stage %s done before (%s)", name, record)
+            return done
+        if not redo_on_change:
+            before = done.get("inputs", {})
+            changed = sorted(k for k in {**before, **inputs} if before.get(k) != inputs.get(k))
+            then = ", ".join(f"{k} {before.get(k)}" for k in changed) if "inputs" in done else "unrecorded settings"
+            now = ", ".join(f"{k} {inputs.get(k)}" for k in changed) or "these"
+            raise ValueError(
+                f"tiny-model: stage {name} in {work} was run with {then}, this run asks {now}; give another --work, "
+                f"or delete {record} and the later stages' records to redo it"
+            )
     log.info("tiny-model: stage %s", name)
     started = time.monotonic()
-    result = {**run(), "seconds": 0.0}
+    result = {**run(), "inputs": inputs, "seconds": 0.0}
     result["seconds"] = round(time.monotonic() - started, 1)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _config_digest(config: Path) -> str:
+    """A stage's config, as an input of its record: an edited config is another recipe."""
+    return sha256_file(config)[:16]
 
 
 def _split_digits(work: Path, per_class: int | None) -> dict[str, Any]:
@@ -297,21 +318,48 @@ def tiny_model(
             )
     started = time.monotonic()
     record: dict[str, Any] = {}
-    record["data"] = _stage(work, "data", lambda: build_data(work, num_shapes, digits_per_class, seed, shape_jitter))
-    record["vae"] = _stage(work, "vae", lambda: build_vae(work, vae_steps, seed))
-    record["init"] = _stage(work, "init", lambda: build_init(work, seed))
+    record["data"] = _stage(
+        work,
+        "data",
+        {"num_shapes": num_shapes, "shape_jitter": shape_jitter, "digits_per_class": digits_per_class, "seed": seed},
+        lambda: build_data(work, num_shapes, digits_per_class, seed, shape_jitter),
+    )
+    record["vae"] = _stage(
+        work, "vae", {"vae_steps": vae_steps, "seed": seed}, lambda: build_vae(work, vae_steps, seed)
+    )
+    record["init"] = _stage(work, "init", {"seed": seed}, lambda: build_init(work, seed))
     record["latents"] = _stage(
         work,
         "latents",
+        {},
         lambda: {
             "latents": encode_latents(str(work / "shards"), str(work / "latents"), vae=str(work / "init")).num_samples
         },
     )
-    record["unet"] = _stage(work, "unet", lambda: build_unet(work, unet_config, unet_epochs))
-    record["checker"] = _stage(
-        work, "checker", lambda: build_checker(work, checker_config, checker_images, checker_epochs, seed)
+    record["unet"] = _stage(
+        work,
+        "unet",
+        {"unet_epochs": unet_epochs, "unet_config": _config_digest(unet_config)},
+        lambda: build_unet(work, unet_config, unet_epochs),
     )
-    record["assemble"] = _stage(work, "assemble", lambda: assemble(work, out, Path(record["unet"]["checkpoint"])))
+    record["checker"] = _stage(
+        work,
+        "checker",
+        {
+            "checker_images": checker_images,
+            "checker_epochs": checker_epochs,
+            "checker_config": _config_digest(checker_config),
+            "seed": seed,
+        },
+        lambda: build_checker(work, checker_config, checker_images, checker_epochs, seed),
+    )
+    record["assemble"] = _stage(
+        work,
+        "assemble",
+        {"out": str(out), "unet": record["unet"]["checkpoint"]},
+        lambda: assemble(work, out, Path(record["unet"]["checkpoint"])),
+        redo_on_change=True,
+    )
     settings = {
         "num_shapes": num_shapes,
         "shape_jitter": shape_jitter,
