@@ -87,7 +87,7 @@ clean:
 	rm -rf $(VENV) runs data
 
 # Re-train tiny-pretrained (sdtune/models/tiny_pretrained: VAE, UNet, checker, figures, model card) from
-# scratch: under an hour on 2 CPU cores. Resumes by stage; WORK keeps data and runs (rm -r it for a fresh run).
+# scratch: 44 minutes on 2 CPU cores (88 on a host half as fast). Resumes by stage; WORK keeps data and runs (rm -r it for a fresh run).
 WORK ?= runs/tiny_model
 tiny-model: setup
 	WANDB_MODE=offline $(BIN)/python -m sdtune tiny-model --work $(WORK)

@@ -298,9 +298,10 @@ The guidance scale {guidance} is the best of {list(GUIDANCE_CANDIDATES)} on the 
 {selection["all"]}. At 4 and above the weights shipped in December 2026 turned some medium squares and circles
 into crosses; lower guidance also gives more varied images.
 
-A re-run of `make tiny-model` on another machine or torch build gives other weights (CPU kernels differ);
-the figures above are expected to agree within about 1 dB PSNR, 0.02 SSIM and 0.1 checker score (not yet
-checked by a second run).
+A second `make tiny-model` from a clean clone (December 2026, 2 CPU threads, torch 2.13.0+cpu) gave
+bit-identical weights (VAE, UNet, checker heads), byte-identical grids and the same figures, in 88 minutes on a
+host about twice as slow as this run's. On another CPU, thread count or torch build the last bits may
+differ; expect the figures to agree within about 1 dB PSNR, 0.02 SSIM and 0.1 checker score.
 
 ## Files
 
